@@ -22,6 +22,22 @@ def test_modelopt_nvfp4_fake_quant_needs_cuda_without_our_path():
     assert y.shape == x.shape and not torch.equal(x, y)
 
 
+def test_modelopt_static_nvfp4_needs_triton_on_cuda_without_our_path():
+    import modelopt.torch.quantization.nn.modules.tensor_quantizer as tensor_quantizer
+    import modelopt.torch.quantization.tensor_quant as tq
+
+    from hybridquant.compat import modelopt_cpu
+
+    x = torch.randn(8, 64)
+    amax = x.reshape(-1, 16).abs().amax(dim=1)
+    with pytest.raises(RuntimeError, match="triton"):
+        tq.static_blockwise_fp4_fake_quant(x, amax, amax.max(), True, 448.0, torch.float32, False)  # ModelOpt's own
+    modelopt_cpu.apply()
+    y = tensor_quantizer.static_blockwise_fp4_fake_quant(x, amax, amax.max(), True, 448.0, torch.float32, False)
+    assert y.shape == x.shape and not torch.equal(x, y)
+    assert ((y - x).reshape(-1, 16).abs() <= amax.unsqueeze(1) / 6 * (1 + 2.0 ** -4)).all()
+
+
 def test_cpu_nvfp4_equals_modelopt_packed_representation():
     """The values the model computes with are exactly what ModelOpt's NVFP4 codec packs."""
     from modelopt.torch.quantization.qtensor import NVFP4QTensor

@@ -21,6 +21,17 @@ megatron-core's own ``DotProductAttention``, so with the TE-free layer spec (CPU
 silently adds no quantizer. We register the core module with the same three quantizers, parallel
 state and restore behaviour (and class-level extra-state hooks, without which the quantizer
 state is not saved and the amax does not reload); with TE present ModelOpt's class is used unchanged.
+
+4. Static NVFP4 weights (per-block amax fixed at calibration, as the MSE FP8-scale sweep of the
+Nemotron-3-Super recipe produces) on tensor-parallel linears: ModelOpt refuses them
+(``_check_nvfp4_static_tp_supported`` raises NotImplementedError). What does go wrong when a weight
+is split across ranks is the per-tensor global amax (the FP8 scale of the block scales): it is
+computed from the local shard only, so every block scale the MSE sweep picks differs from the
+unsplit model's (measured at EP2xETP2: 0 of 80 expert block grids equal). It is reduced (max) over
+the layer's TP group before the sweep uses it; then all 80 grids are bit-identical. The rest already
+works: a static block quantizer has axis (0,), so the TP amax sync leaves the shard-local block amax
+alone and the checkpoint shards them like the weight (an ETP2 checkpoint reloads in one process
+with every block equal).
 """
 
 from __future__ import annotations
@@ -67,6 +78,7 @@ def apply() -> bool:
 
     plugin._MegatronSequentialMLP._setup = _setup
     _register_core_attention(plugin)
+    _static_block_weights_under_tp(plugin)
     _APPLIED = True
     return True
 
@@ -108,3 +120,35 @@ def _register_core_attention(plugin) -> None:
         def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
             state = self.state_dict(prefix="", keep_vars=True)
             return plugin.make_sharded_tensors_for_checkpoint(state, prefix, {}, sharded_offsets)
+
+
+def _static_block_weights_under_tp(plugin) -> None:
+    import torch
+    import torch.distributed as dist
+    from modelopt.torch.quantization import model_calib
+    from modelopt.torch.quantization.nn import QuantModule, TensorQuantizer
+
+    plugin._check_nvfp4_static_tp_supported = lambda model: None
+
+    finalize = model_calib._finalize_with_shared_state
+
+    def finalize_with_global_amax_over_tp(model, weight_patterns):
+        finalize(model, weight_patterns)
+        by_group: dict[int, tuple] = {}
+        for module in model.modules():
+            quantizer = getattr(module, "weight_quantizer", None)
+            state = getattr(module, "parallel_state", None)
+            if not isinstance(module, QuantModule) or state is None or not isinstance(quantizer, TensorQuantizer):
+                continue
+            if not getattr(quantizer, "is_nvfp4_static", False) or getattr(quantizer, "global_amax", None) is None:
+                continue
+            group = state.tensor_parallel_group
+            if group.is_initialized() and group.world_size() > 1:
+                by_group.setdefault(id(group.group), (group.group, []))[1].append(quantizer)
+        for group, quantizers in by_group.values():  # same modules, same order on every rank of a group
+            values = torch.stack([q.global_amax.float().reshape(()) for q in quantizers])
+            dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
+            for q, value in zip(quantizers, values):
+                q.global_amax = value.to(q.global_amax.dtype)
+
+    model_calib._finalize_with_shared_state = finalize_with_global_amax_over_tp
