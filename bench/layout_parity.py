@@ -7,8 +7,9 @@ Runs real torchrun jobs on this machine (gloo on CPU): the reference layout 1x1x
 the others with --nproc processes (data parallel fills what a layout leaves). By default all
 multi-process layouts share one torchrun job (model-parallel groups are rebuilt per layout);
 --separate gives each layout its own job, so wall time and peak RSS are per layout.
-Prints: layout -> quantizers matched, identical, max |amax - amax_1x1x1|, max relative, max |logit
-diff| before and after quantization, wall time, peak RSS per rank.
+Prints: layout -> quantizers matched, identical, max |amax - amax_1x1x1|, max relative, per-block
+weight amax identical to 1x1x1 (whole weight, e.g. static NVFP4 block scales), max |logit diff| before
+and after quantization, wall time, peak RSS per rank.
 """
 
 from __future__ import annotations
@@ -45,38 +46,40 @@ def compose(overrides: list[str]):
         return hydra_compose("quantize", overrides=overrides)
 
 
-def launch(nproc: int, recipes: list[str], layouts: list[str], out: Path, overrides: list[str]) -> float:
+def launch(nproc: int, cases: dict[str, list[str]], out: Path, overrides: list[str]) -> float:
+    """One torchrun job calibrating each recipe under its layouts (``cases``: recipe -> layouts)."""
     import time
 
     from hybridquant.parallel import free_port
 
     cmd = [str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           __file__, "--worker", "--recipes", ",".join(recipes), "--layouts", ",".join(layouts), "--out", str(out),
-           "--", *overrides]
+           __file__, "--worker", "--cases", json.dumps(cases), "--out", str(out), "--", *overrides]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"torchrun {layouts} failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"torchrun {cases} failed:\n{proc.stderr[-4000:]}")
     return time.perf_counter() - t0
 
 
-def measure(recipes: list[str], layouts: list[str], nproc: int, separate: bool, overrides: list[str]) -> dict:
-    """Run the reference and the layouts for every recipe; {recipe: {layout: row}}. One torchrun
-    job per world size covers all recipes and layouts (per layout with ``separate``)."""
+def measure(cases: dict[str, list[str]], nproc: int, separate: bool, overrides: list[str]) -> dict:
+    """Run the reference and the layouts of every recipe (``cases``: recipe -> layouts);
+    {recipe: {layout: row}}. One torchrun job per world size covers all recipes and layouts
+    (one per layout with ``separate``)."""
     from hybridquant import parity
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        by_world: dict[int, list[str]] = {1: ["1x1x1"]}
-        for layout in layouts:
-            by_world.setdefault(world_for(layout, nproc), []).append(layout)
-        jobs = [(w, [layout]) for w, group in by_world.items() for layout in group] if separate \
-            else list(by_world.items())
-        results: dict[str, dict] = {r: {} for r in recipes}
+        by_world: dict[int, dict[str, list[str]]] = {1: {r: ["1x1x1"] for r in cases}}
+        for recipe, layouts in cases.items():
+            for layout in layouts:
+                by_world.setdefault(world_for(layout, nproc), {}).setdefault(recipe, []).append(layout)
+        jobs = [(w, {r: [layout]}) for w, group in by_world.items() for r, ls in group.items() for layout in ls] \
+            if separate else list(by_world.items())
+        results: dict[str, dict] = {r: {} for r in cases}
         for i, (world, group) in enumerate(jobs):
-            job_wall = launch(world, recipes, group, tmp / f"run{i}.json", overrides)
+            job_wall = launch(world, group, tmp / f"run{i}.json", overrides)
             for recipe, part in json.loads((tmp / f"run{i}.json").read_text()).items():
                 for spec, res in part.items():
                     res["job_wall_s"] = job_wall if separate else None
@@ -92,7 +95,7 @@ def measure(recipes: list[str], layouts: list[str], nproc: int, separate: bool, 
 
 def table(recipe: str, rows: dict) -> str:
     head = (f"{recipe}\n{'layout':<10} {'tp pp ep etp dp':<16} {'matched':>7} {'identical':>9} "
-            f"{'max|Δamax|':>11} {'max rel':>9} {'|Δlogit| bf16':>13} {'|Δlogit| q':>11} {'wall s':>7}  peak RSS/rank MiB")
+            f"{'max|Δamax|':>11} {'max rel':>9} {'blocks=':>7} {'|Δlogit| bf16':>13} {'|Δlogit| q':>11} {'wall s':>7}  peak RSS/rank MiB")
     lines = [head]
     for spec, r in rows.items():
         lay = r["layout"]
@@ -100,7 +103,7 @@ def table(recipe: str, rows: dict) -> str:
         lines.append(
             f"{spec:<10} {lay['tp']:>2} {lay['pp']:>2} {lay['ep']:>2} {lay['etp']:>3} {lay['dp']:>2}      "
             f"{r['matched']:>7} {r['identical']:>9} {r['max_abs_amax_diff']:>11.3e} {r['max_rel_amax_diff']:>9.2e} "
-            f"{r['max_abs_logit_diff_unquantized']:>13.3e} {r['max_abs_logit_diff']:>11.3e} {wall:>7.1f}  " + ",".join(f"{x:.0f}" for x in r["peak_rss_mb_per_rank"])
+            f"{str(r['blocks_identical']) + '/' + str(r['blocks_matched']):>7} {r['max_abs_logit_diff_unquantized']:>13.3e} {r['max_abs_logit_diff']:>11.3e} {wall:>7.1f}  " + ",".join(f"{x:.0f}" for x in r["peak_rss_mb_per_rank"])
         )
         if r["missing"] or r["extra"]:
             lines.append(f"{'':<10} missing {r['missing'][:3]} extra {r['extra'][:3]}")
@@ -116,6 +119,7 @@ def main() -> None:
     ap.add_argument("--separate", action="store_true", help="one torchrun job per layout (per-layout time/RSS)")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--cases", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. calib.num_samples=16")
     args = ap.parse_args()
@@ -124,12 +128,14 @@ def main() -> None:
         from hybridquant import logs, parallel, parity
 
         logs.setup("WARNING")
-        cfgs = {r: compose([f"+quant={r}", *args.overrides]) for r in args.recipes.split(",")}
-        parallel.fail_fast(parity.worker)(cfgs, args.layouts.split(","), args.out)
+        cases = json.loads(args.cases)
+        cfgs = {r: compose([f"+quant={r}", *args.overrides]) for r in cases}
+        parallel.fail_fast(parity.worker)(cfgs, cases, args.out)
         parallel.shutdown()
         return
 
-    all_rows = measure(args.recipes.split(","), args.layouts.split(","), args.nproc, args.separate, args.overrides)
+    cases = {recipe: args.layouts.split(",") for recipe in args.recipes.split(",")}
+    all_rows = measure(cases, args.nproc, args.separate, args.overrides)
     for recipe, rows in all_rows.items():
         print(table(recipe, rows), flush=True)
         print()

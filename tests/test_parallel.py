@@ -67,29 +67,38 @@ def test_bad_layout_is_one_line_error_before_process_groups(tmp_path):
 
 # --- layout parity ---------------------------------------------------------------------------
 
-PARITY_LAYOUTS = ["tp2", "pp2", "ep2", "tp2ep2", "tp2pp2", "pp2ep2", "dp2", "ep2etp2"]
-PARITY_RECIPES = ["mamba_moe_fp8_conservative", "mamba_moe_nvfp4_aggressive"]
+ALL_LAYOUTS = ["tp2", "pp2", "ep2", "tp2ep2", "tp2pp2", "pp2ep2", "dp2", "ep2etp2"]
+PARITY_CASES = {
+    "mamba_moe_fp8_conservative": ALL_LAYOUTS,
+    "mamba_moe_nvfp4_aggressive": ALL_LAYOUTS,
+    # per-layer BF16 rule (rank-local layer indices under PP), FP8 KV cache, dynamic per-token activations
+    "cascade2_fp8_selective": ["tp2", "pp2", "ep2"],
+    # static NVFP4 block scales by MSE, also with the experts split over ranks (ETP2)
+    "super_nvfp4_mixed": ["tp2", "ep2", "ep2etp2"],
+}
 
 
 @pytest.fixture(scope="module")
 def parity_rows():
-    return layout_parity.measure(PARITY_RECIPES, PARITY_LAYOUTS, nproc=4, separate=False,
+    return layout_parity.measure(PARITY_CASES, nproc=4, separate=False,
                                  overrides=["calib.num_samples=7", "calib.max_seq_len=96"])  # 7: uneven DP shards
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("recipe", PARITY_RECIPES)
+@pytest.mark.parametrize("recipe", list(PARITY_CASES))
 def test_every_layout_calibrates_the_same_amax(parity_rows, recipe):
     rows = parity_rows[recipe]
     print("\n" + layout_parity.table(recipe, rows))
     reference = rows["1x1x1"]
     assert reference["matched"] > 100
-    for spec in PARITY_LAYOUTS:
+    for spec in PARITY_CASES[recipe]:
         row = rows[spec]
         assert row["missing"] == [] and row["extra"] == [], (spec, row["missing"][:3], row["extra"][:3])
         assert row["matched"] == reference["matched"], spec
         assert row["coverage_equal"], f"{spec}: tokens per expert differ from one process"
         assert row["max_abs_logit_diff_unquantized"] <= 1e-4, spec
+        # per-block weight scales (static NVFP4) depend on the weights only: identical whatever the split
+        assert row["blocks_identical"] == row["blocks_matched"] == reference["blocks_matched"], spec
         if row["layout"]["tp"] == 1 and row["layout"]["etp"] == 1:
             # No tensor parallelism: every GEMM sums in the same order as one process.
             assert row["identical"] == row["matched"], f"{spec}: {row['worst']} differs"

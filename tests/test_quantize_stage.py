@@ -70,3 +70,26 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, tiny_model_cfg):
     assert proc.returncode != 0
     errors = error_lines(proc)
     assert len(errors) == 1 and "hidden_size" in errors[0] and "not tiny" in errors[0], proc.stderr[-2000:]
+
+
+def test_static_nvfp4_block_scales_split_over_ranks_reload_whole(tmp_path, world1):
+    """Experts split over 2 ranks (ETP2): each rank calibrates the MSE block scales of its half; the
+    checkpoint holds both halves and a single process gets the whole grid back, bit for bit."""
+    proc = run_stage("quantize", ["+quant=super_nvfp4_mixed", f"output_root={tmp_path}", "calib.num_samples=2",
+                                  "calib.max_seq_len=64", "parallel.etp=2"], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "quantize" / "tiny-super_nvfp4_mixed-tp1pp1ep1etp2"
+    report = json.loads((run_dir / "report.json").read_text())
+    saved = {(r["name"], r["role"]): r for r in report["quantizers"]}
+
+    from hybridquant import checkpoint, quantization
+
+    loaded, meta = checkpoint.load_quantized(run_dir / "checkpoint", world1)
+    assert meta["router_dtype"] is None and meta["layout"]["etp"] == 2
+    restored = quantization.inventory(loaded.chunks)
+    blocks = [r for r in restored if r.blocks is not None]
+    assert len(blocks) == 2 * 5 * 8  # fc1 and fc2 of the 8 experts of the 5 MoE layers
+    for rec in restored:
+        assert saved[(rec.name, rec.role)]["amax"] == rec.amax, rec.name
+        assert saved[(rec.name, rec.role)]["blocks"] == rec.blocks, rec.name
+        assert saved[(rec.name, rec.role)]["replicas_agree"], rec.name

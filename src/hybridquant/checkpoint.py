@@ -89,7 +89,8 @@ def load_quantized(directory: Path, layout, spec: str = "auto"):
     from hybridquant import model
 
     meta = read_metadata(directory)
-    bridge, provider = model.make_provider(str(hf_dir(directory)), layout, meta["dtype"], spec)
+    bridge, provider = model.make_provider(str(hf_dir(directory)), layout, meta["dtype"], spec,
+                                           router_dtype=meta.get("router_dtype"))
     chunks = model.build(provider)
     load_into(chunks, directory)
     return model.LoadedModel(bridge=bridge, provider=provider, chunks=chunks), meta

@@ -57,12 +57,25 @@ def select_spec(spec: str):
     raise ValueError(f"model spec must be auto, te or local, got {spec!r}")
 
 
-def make_provider(hf_path: str, layout, dtype: str, spec: str = "auto", restore_modelopt_state: bool = False):
-    """Return (bridge, provider) configured for ``layout`` but not yet built."""
+def make_provider(hf_path: str, layout, dtype: str, spec: str = "auto", restore_modelopt_state: bool = False,
+                  router_dtype: str | None = None):
+    """Return (bridge, provider) configured for ``layout`` but not yet built. ``router_dtype='fp32'``
+    runs the MoE router (logits, top-k, expert weighting) in FP32 whatever the model dtype."""
     cpu_compat.apply()
     AutoBridge = import_auto_bridge()
+    bridge = AutoBridge.from_hf_pretrained(hf_path, torch_dtype=DTYPES[dtype])
+    return bridge, _configure(bridge, layout, dtype, spec, restore_modelopt_state, router_dtype)
+
+
+def provider_from_config(hf_config, layout, dtype: str, spec: str = "auto", router_dtype: str | None = None):
+    """A provider from a Hugging Face config alone (no checkpoint, no weights): for describing a model."""
+    cpu_compat.apply()
+    AutoBridge = import_auto_bridge()
+    return _configure(AutoBridge.from_hf_config(hf_config), layout, dtype, spec, False, router_dtype)
+
+
+def _configure(bridge, layout, dtype: str, spec: str, restore_modelopt_state: bool, router_dtype: str | None):
     torch_dtype = DTYPES[dtype]
-    bridge = AutoBridge.from_hf_pretrained(hf_path, torch_dtype=torch_dtype)
     provider = bridge.to_megatron_provider(load_weights=False)
     provider.tensor_model_parallel_size = layout.tp
     provider.pipeline_model_parallel_size = layout.pp
@@ -91,11 +104,12 @@ def make_provider(hf_path: str, layout, dtype: str, spec: str = "auto", restore_
         # Calibration must see the routing the model really does: no capacity dropping.
         moe_expert_capacity_factor=None,
         restore_modelopt_state=restore_modelopt_state,
+        moe_router_dtype=router_dtype,
     )
     for key, value in settings.items():
         setattr(provider, key, value)
     provider.finalize()
-    return bridge, provider
+    return provider
 
 
 def build(provider) -> list:
@@ -109,9 +123,16 @@ def build(provider) -> list:
     return chunks
 
 
-def load_hf(hf_path: str, layout, dtype: str, spec: str = "auto") -> LoadedModel:
+def build_on_meta(provider) -> torch.nn.Module:
+    """The whole model (one process, every layer) with no storage behind its tensors: its structure."""
+    provider.perform_initialization = False
+    with torch.device("meta"):
+        return provider.provide(pre_process=True, post_process=True)
+
+
+def load_hf(hf_path: str, layout, dtype: str, spec: str = "auto", router_dtype: str | None = None) -> LoadedModel:
     """Build the Megatron model for ``layout`` and load the HF weights into it."""
-    bridge, provider = make_provider(hf_path, layout, dtype, spec)
+    bridge, provider = make_provider(hf_path, layout, dtype, spec, router_dtype=router_dtype)
     chunks = build(provider)
     bridge.load_hf_weights(chunks)
     return LoadedModel(bridge=bridge, provider=provider, chunks=chunks)

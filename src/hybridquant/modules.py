@@ -9,32 +9,50 @@ from __future__ import annotations
 
 import re
 
-# (kind, regex on the Megatron module name, relative to the model)
+# (kind, where the module sits): inside a decoder layer ("layers.*." is prefixed; '*' is an expert
+# index) or, for the two model-level modules, the whole name.
 _KINDS = [
-    ("routed_expert.fc1", r"\.mlp\.experts\.local_experts\.\d+\.linear_fc1$"),
-    ("routed_expert.fc2", r"\.mlp\.experts\.local_experts\.\d+\.linear_fc2$"),
-    ("shared_expert.fc1", r"\.mlp\.shared_experts\.linear_fc1$"),
-    ("shared_expert.fc2", r"\.mlp\.shared_experts\.linear_fc2$"),
-    ("moe_latent.fc1", r"\.mlp\.fc1_latent_proj$"),
-    ("moe_latent.fc2", r"\.mlp\.fc2_latent_proj$"),
-    ("router", r"\.mlp\.router$"),
-    ("mamba.in_proj", r"\.mixer\.in_proj$"),
-    ("mamba.out_proj", r"\.mixer\.out_proj$"),
-    ("mamba.conv1d", r"\.mixer\.conv1d$"),
-    ("attention.qkv", r"\.self_attention\.linear_qkv$"),
-    ("attention.proj", r"\.self_attention\.linear_proj$"),
-    ("attention.core", r"\.self_attention\.core_attention$"),
-    ("dense_mlp.fc1", r"\.mlp\.linear_fc1$"),
-    ("dense_mlp.fc2", r"\.mlp\.linear_fc2$"),
-    ("embedding", r"^embedding\.word_embeddings$"),
-    ("lm_head", r"^output_layer$"),
+    ("routed_expert.fc1", "mlp.experts.local_experts.*.linear_fc1"),
+    ("routed_expert.fc2", "mlp.experts.local_experts.*.linear_fc2"),
+    ("shared_expert.fc1", "mlp.shared_experts.linear_fc1"),
+    ("shared_expert.fc2", "mlp.shared_experts.linear_fc2"),
+    ("moe_latent.fc1", "mlp.fc1_latent_proj"),
+    ("moe_latent.fc2", "mlp.fc2_latent_proj"),
+    ("router", "mlp.router"),
+    ("mamba.in_proj", "mixer.in_proj"),
+    ("mamba.out_proj", "mixer.out_proj"),
+    ("mamba.conv1d", "mixer.conv1d"),
+    ("attention.qkv", "self_attention.linear_qkv"),
+    ("attention.proj", "self_attention.linear_proj"),
+    ("attention.core", "self_attention.core_attention"),
+    ("dense_mlp.fc1", "mlp.linear_fc1"),
+    ("dense_mlp.fc2", "mlp.linear_fc2"),
 ]
-_COMPILED = [(kind, re.compile(rx)) for kind, rx in _KINDS]
+_MODEL_KINDS = [("embedding", "embedding.word_embeddings"), ("lm_head", "output_layer")]
+_PATH = dict(_KINDS)
+
+
+def _regex(path: str) -> str:
+    return re.escape(path).replace(r"\*", r"\d+")
+
+
+_COMPILED = ([(kind, re.compile(r"\.layers\.\d+\." + _regex(path) + "$")) for kind, path in _KINDS]
+             + [(kind, re.compile("^" + _regex(path) + "$")) for kind, path in _MODEL_KINDS])
 
 # Kinds with a weight GEMM: the modules a recipe may put in a low-precision format.
-GEMM_KINDS = [k for k, _ in _KINDS if k not in ("router", "mamba.conv1d", "attention.core")]
+GEMM_KINDS = [k for k, _ in _KINDS + _MODEL_KINDS if k not in ("router", "mamba.conv1d", "attention.core")]
 # Shown in recipe tables and summaries, in this order.
-ALL_KINDS = [k for k, _ in _KINDS]
+ALL_KINDS = [k for k, _ in _KINDS + _MODEL_KINDS]
+# Kinds that live inside decoder layers (a recipe may treat them per layer).
+LAYER_KINDS = [k for k, _ in _KINDS]
+
+
+def quantizer_pattern(kind: str, local_layer: int) -> str:
+    """ModelOpt ``quantizer_name`` wildcard for every quantizer of ``kind`` in one rank-local layer."""
+    if kind not in _PATH:
+        raise ValueError(f"{kind!r} is not a per-layer module kind; per-layer kinds: {', '.join(LAYER_KINDS)}")
+    return f"*decoder.layers.{local_layer}.{_PATH[kind]}.*"
+
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
@@ -71,9 +89,14 @@ def global_name(module_name: str, layer_offset: int = 0, expert_offset: int = 0)
     return _EXPERT.sub(lambda m: f".experts.{int(m.group(1)) + expert_offset}.", name, count=1)
 
 
+def decoder_symbols(pattern: str) -> str:
+    """The decoder layers of a hybrid pattern, one symbol each (pipeline '|' and MTP '/...' dropped)."""
+    return pattern.replace("|", "").split("/")[0]
+
+
 def adjacent_to_attention(pattern: str) -> list[int]:
     """Indices of Mamba layers ('M') directly before or after an attention layer ('*')."""
-    layers = pattern.replace("|", "").split("/")[0]
+    layers = decoder_symbols(pattern)
     out = []
     for i, c in enumerate(layers):
         if c == "M" and ((i > 0 and layers[i - 1] == "*") or (i + 1 < len(layers) and layers[i + 1] == "*")):

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
+from hybridquant import modules
 from hybridquant.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,6 @@ class Layout:
         return "_".join(parts)
 
 
-def _count_layers(pattern: str) -> int:
-    return len(pattern.replace("|", "").split("/")[0])
-
-
 def validate(layout: Layout, arch: Mapping[str, Any]) -> None:
     """Raise LayoutError for a layout that cannot run ``arch`` (HF config fields)."""
     def need(ok: bool, message: str) -> None:
@@ -84,7 +81,7 @@ def validate(layout: Layout, arch: Mapping[str, Any]) -> None:
         size = int(arch[key])
         divisor = etp if key == "moe_intermediate_size" else tp
         need(size % divisor == 0, f"{'etp' if divisor == etp else 'tp'}={divisor} does not divide {key}={size}")
-    layers = _count_layers(arch["hybrid_override_pattern"])
+    layers = len(modules.decoder_symbols(arch["hybrid_override_pattern"]))
     need(pp <= layers, f"pp={pp} is larger than the number of layers ({layers})")
 
 

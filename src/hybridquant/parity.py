@@ -8,10 +8,11 @@ model-parallel groups are rebuilt for each); ``compare`` lines the results up ag
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 
@@ -43,9 +44,13 @@ def amax_by_name(records) -> dict[str, list[float]]:
     return {f"{r.name}.{r.role}": r.amax for r in records if r.amax is not None}
 
 
-def worker(cfgs: dict, layouts: Iterable[str], out_file: Path) -> None:
+def blocks_by_name(records) -> dict[str, dict]:
+    return {f"{r.name}.{r.role}": r.blocks for r in records if r.blocks is not None}
+
+
+def worker(cfgs: dict, cases: Mapping[str, Iterable[str]], out_file: Path) -> None:
     """Collective over the torchrun world: for each recipe (``cfgs``: recipe name -> composed
-    config) calibrate under each layout; rank 0 writes ``{recipe: {layout: result}}``."""
+    config) calibrate under each of its layouts (``cases``); rank 0 writes ``{recipe: {layout: result}}``."""
     from megatron.core import parallel_state
 
     from hybridquant.stages import quantize as stage
@@ -53,7 +58,7 @@ def worker(cfgs: dict, layouts: Iterable[str], out_file: Path) -> None:
     results: dict[str, dict] = {}
     world = parallel.world_size_from_env()
     for recipe, cfg in cfgs.items():
-        for spec in layouts:
+        for spec in cases[recipe]:
             layout = parse_layout(spec, world)
             plan = stage.plan(cfg, layout)
             t0 = time.perf_counter()
@@ -66,6 +71,7 @@ def worker(cfgs: dict, layouts: Iterable[str], out_file: Path) -> None:
                     "layout": {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.etp,
                                "dp": layout.dp, "world_size": world},
                     "amax": amax_by_name(result.records),
+                    "blocks": blocks_by_name(result.records),
                     "logits_before": result.logits_before.tolist(),
                     "logits_after": result.logits_after.tolist(),
                     "coverage": result.coverage["tokens_per_expert"],
@@ -82,7 +88,8 @@ def worker(cfgs: dict, layouts: Iterable[str], out_file: Path) -> None:
 def compare(reference: dict, other: dict) -> dict:
     ref, got = reference["amax"], other["amax"]
     common = sorted(set(ref) & set(got))
-    diffs = [max(abs(a - b) for a, b in zip(ref[k], got[k])) for k in common]
+    diffs = [max(abs(a - b) for a, b in zip(ref[k], got[k])) if len(ref[k]) == len(got[k]) else math.inf
+             for k in common]
     rel = [d / max(max(abs(v) for v in ref[k]), 1e-30) for d, k in zip(diffs, common)]
     worst = max(range(len(common)), key=lambda i: diffs[i]) if common else None
     logits_ref, logits = torch.tensor(reference["logits_after"]), torch.tensor(other["logits_after"])
@@ -98,4 +105,7 @@ def compare(reference: dict, other: dict) -> dict:
         "max_abs_logit_diff": (logits - logits_ref).abs().max().item(),
         "max_abs_logit_diff_unquantized": (before - before_ref).abs().max().item(),
         "coverage_equal": reference["coverage"] == other["coverage"],
+        # per-block weight amax (whole weight, whatever the split): block statistics and checksum equal
+        "blocks_matched": len(set(reference["blocks"]) & set(other["blocks"])),
+        "blocks_identical": sum(1 for k, v in reference["blocks"].items() if other["blocks"].get(k) == v),
     }

@@ -63,7 +63,9 @@ class QuantizerRecord:
     layer: int | None
     role: str             # weight | input | output | k_bmm | v_bmm
     format: str
-    amax: list[float] | None  # flattened amax values (None if not calibrated)
+    amax: list[float] | None  # per-tensor amax; for per-block/per-channel weights the global amax (None if dynamic)
+    blocks: dict | None = None  # per-block/per-channel weight amax of the whole (unsplit) weight: n, min, max, checksum
+    shard: tuple[int, int] | None = None  # (TP rank, TP size) of a split weight's block amax
     replicas: int = 1
     replicas_agree: bool = True
 
@@ -83,6 +85,43 @@ def _offsets(chunk) -> tuple[int, int]:
     return layer_offset, expert_offset
 
 
+def global_layers(chunk) -> list[int]:
+    """Global indices of the decoder layers a model chunk holds, in order."""
+    return [layer.layer_number - 1 for layer in chunk.decoder.layers]
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def block_checksum(amax: torch.Tensor, row0: int, col0: int, cols: int) -> int:
+    """Position-aware checksum of a [rows, k] block of a weight's amax grid whose top-left element
+    sits at (row0, col0) of a grid ``cols`` wide. Summing it over the shards of a split weight gives
+    the checksum of the whole grid, whatever the split (exact: integer arithmetic mod 2**64)."""
+    rows, k = amax.shape
+    index = (torch.arange(rows, dtype=torch.int64).unsqueeze(1) + row0) * cols \
+        + torch.arange(k, dtype=torch.int64).unsqueeze(0) + col0
+    bits = amax.detach().float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    mixed = ((index + 1) * 0x1E3779B97F4A7C15) ^ (bits * 0x42B2AE3D27D4EB4F + 0x165667B19E3779F9)
+    return int(mixed.sum().item()) & _MASK64
+
+
+def _block_summary(owner, quantizer) -> tuple[list[float], dict, tuple[int, int] | None]:
+    """Global amax, block statistics and TP shard of a weight quantizer with many amax values."""
+    grid = quantizer.amax.detach().float().reshape(owner.weight.shape[0], -1)
+    group = getattr(getattr(owner, "parallel_state", None), "tensor_parallel_group", None)
+    size = group.world_size() if group is not None and group.is_initialized() else 1
+    rank = group.rank() if size > 1 else 0
+    rows, cols = grid.shape
+    split_rows = size > 1 and getattr(owner, "_is_column_parallel", False)
+    split_cols = size > 1 and getattr(owner, "_is_row_parallel", False) and cols > 1
+    checksum = block_checksum(grid, rank * rows if split_rows else 0, rank * cols if split_cols else 0,
+                              cols * size if split_cols else cols)
+    global_amax = getattr(quantizer, "global_amax", None)
+    top = float(global_amax) if global_amax is not None else float(grid.max())
+    blocks = {"n": grid.numel(), "min": float(grid.min()), "max": float(grid.max()), "checksum": checksum}
+    return [top], blocks, ((rank, size) if split_rows or split_cols else None)
+
+
 def _local_records(chunk) -> list[QuantizerRecord]:
     from modelopt.torch.quantization.nn import TensorQuantizer
 
@@ -95,12 +134,27 @@ def _local_records(chunk) -> list[QuantizerRecord]:
         role = attr.removesuffix("_quantizer")
         gname = modules.global_name(owner, layer_offset, expert_offset)
         amax = mod.amax if mod.is_enabled else None
+        values, blocks, shard = None, None, None
+        if amax is not None and amax.numel() > 1 and role == "weight":
+            values, blocks, shard = _block_summary(chunk.get_submodule(owner), mod)
+        elif amax is not None:
+            values = [float(v) for v in amax.detach().float().flatten().tolist()]
         records.append(QuantizerRecord(
             name=gname, kind=modules.kind_of(owner), layer=modules.layer_index(gname), role=role,
-            format=format_of(mod),
-            amax=None if amax is None else [float(v) for v in amax.detach().float().flatten().tolist()],
+            format=format_of(mod), amax=values, blocks=blocks, shard=shard,
         ))
     return records
+
+
+def _merge_shards(parts: list[QuantizerRecord]) -> QuantizerRecord:
+    """One record for a weight split over TP ranks: block statistics of the whole weight."""
+    first = parts[0]
+    first.blocks = {"n": sum(p.blocks["n"] for p in parts), "min": min(p.blocks["min"] for p in parts),
+                    "max": max(p.blocks["max"] for p in parts),
+                    "checksum": sum(p.blocks["checksum"] for p in parts) & _MASK64}
+    first.replicas_agree = all(p.amax == first.amax for p in parts)
+    first.shard = None
+    return first
 
 
 def inventory(chunks: list) -> list[QuantizerRecord]:
@@ -110,16 +164,24 @@ def inventory(chunks: list) -> list[QuantizerRecord]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, local)
-    merged: dict[tuple[str, str], QuantizerRecord] = {}
+    shards: dict[tuple[str, str], dict[int, QuantizerRecord]] = defaultdict(dict)
     for rank_records in gathered:
         for rec in rank_records:
+            if rec.shard is not None:
+                shards[(rec.name, rec.role)].setdefault(rec.shard[0], rec)
+    whole = [_merge_shards([parts[r] for r in sorted(parts)]) for parts in shards.values()]
+    merged: dict[tuple[str, str], QuantizerRecord] = {}
+    for rank_records in [whole, *gathered]:
+        for rec in rank_records:
+            if rec.shard is not None:
+                continue
             key = (rec.name, rec.role)
             if key not in merged:
                 merged[key] = rec
                 continue
             seen = merged[key]
             seen.replicas += 1
-            if seen.amax != rec.amax:
+            if seen.amax != rec.amax or seen.blocks != rec.blocks:
                 seen.replicas_agree = False
     return sorted(merged.values(), key=lambda r: (r.layer if r.layer is not None else 10**9, r.name, r.role))
 

@@ -23,12 +23,16 @@ class ModelConf:
 @dataclass
 class QuantConf:
     name: str = MISSING
-    preset: str = MISSING             # ModelOpt preset attribute, e.g. MAMBA_MOE_FP8_CONSERVATIVE_CFG
+    preset: str = MISSING             # mtq attribute (MAMBA_MOE_FP8_CONSERVATIVE_CFG) or modelopt_recipes:<path>
     description: str = ""
-    format: str = ""
-    quantized_kinds: List[str] = field(default_factory=list)  # what the preset means; checked after quantize
-    kv_cache: str = "none"            # none | fp8
-    algorithm: Optional[Any] = None   # None keeps the preset's
+    format: str = ""                  # FP8 | NVFP4 | MIXED_PRECISION
+    # What the recipe means: module kind -> weight format; checked after quantize.
+    quantized_kinds: Dict[str, str] = field(default_factory=dict)
+    kv_cache: Optional[str] = None    # fp8 | none | null (the preset's)
+    activations: Optional[str] = None  # FP8 activations: dynamic_per_token | static_per_tensor | null
+    algorithm: Optional[Any] = None   # max | mse | null (the preset's)
+    keep_bf16: List[Any] = field(default_factory=list)  # [{kinds: [...], layers: adjacent_to_attention | [i, ...]}]
+    router_dtype: Optional[str] = None  # fp32 | null (the model dtype)
     overrides: List[Any] = field(default_factory=list)
 
 
@@ -70,6 +74,15 @@ class QuantizeConf:
     probe_samples: int = 2            # held-out samples whose logits are recorded before/after quantization
 
 
+@dataclass
+class RecipeTableConf:
+    model: ModelConf = MISSING
+    quant: Optional[QuantConf] = None
+    per_layer: bool = True            # also print the layer-by-layer grid
+    output: Optional[str] = None      # write <output>.md and <output>.json as well
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="quantize_schema", node=QuantizeConf)
+    cs.store(name="recipe_table_schema", node=RecipeTableConf)

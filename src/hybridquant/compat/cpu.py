@@ -20,6 +20,10 @@ when CUDA is absent (``apply()`` is a no-op on a GPU machine):
   groups they are computed with all-reduce / padded all-gather instead (same result).
 * Pipeline schedules allocate their loss accumulator with ``device="cuda"``: on CPU that allocation
   lands on the CPU.
+* MoE latent projections (Nemotron-3-Super: ``fc1_latent_proj``/``fc2_latent_proj``) are built only
+  as Transformer-Engine ``TELinear(parallel_mode="duplicated")``: without TE, megatron asserts.
+  On CPU they are a plain linear with the same full weight on every rank, the same parameter names
+  and a replicated checkpoint entry.
 """
 
 from __future__ import annotations
@@ -197,6 +201,36 @@ def _patch_uneven_collectives() -> None:
     mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
 
 
+class _DuplicatedLinear(torch.nn.Module):
+    """``TELinear(parallel_mode="duplicated")`` without TE: y = x W^T (+ b), W whole on every rank."""
+
+    def __init__(self, input_size, output_size, *, config, init_method, bias, skip_bias_add, **_unused):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(output_size, dtype=config.params_dtype)) if bias else None
+        if config.perform_initialization:
+            init_method(self.weight)
+        self.skip_bias_add = skip_bias_add
+
+    def forward(self, x):
+        out = torch.nn.functional.linear(x, self.weight, None if self.skip_bias_add else self.bias)
+        return out, (self.bias if self.skip_bias_add else None)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, {},
+                                                   sharded_offsets)
+
+
+def _patch_moe_latent_projections() -> None:
+    import megatron.core.transformer.moe.moe_layer as moe_layer
+
+    if not moe_layer.HAVE_TE:
+        moe_layer.HAVE_TE = True  # only consulted for the latent projections' assertion
+        moe_layer.TELinear = _DuplicatedLinear
+
+
 def apply() -> bool:
     """Apply the CPU stand-ins once, if CUDA is absent. Returns True when applied."""
     global _APPLIED
@@ -211,5 +245,6 @@ def apply() -> bool:
     _patch_schedules()
     _patch_moe_alltoall()
     _patch_uneven_collectives()
+    _patch_moe_latent_projections()
     _APPLIED = True
     return True

@@ -36,8 +36,13 @@ class Plan:
     """What a run will do, checked before any process group exists."""
     recipe: DictConfig
     layout: parallel.Layout
-    mtq_config: dict
+    mtq_config: dict                  # for the whole model; each rank quantizes with local_config()
     model_cfg: dict
+    pattern: str                      # the model's hybrid layer pattern
+
+    def local_config(self, chunk) -> dict:
+        """The ModelOpt config for this rank's layers (per-layer rules use rank-local indices)."""
+        return recipes.modelopt_config(self.recipe, self.pattern, quantization.global_layers(chunk))
 
 
 @dataclass
@@ -61,17 +66,19 @@ def layout_from(cfg: DictConfig, world_size: int | None = None) -> parallel.Layo
 
 def plan(cfg: DictConfig, layout: parallel.Layout | None = None) -> Plan:
     recipe = recipes.require_recipe(cfg)
-    mtq_config = recipes.modelopt_config(recipe)
     layout = layout or layout_from(cfg)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     hf_cfg = None
     if model_cfg.get("path") is not None:
         hf_cfg = source.read_config(source.resolve(model_cfg))
         source.check_identity(model_cfg, hf_cfg)
-    parallel.validate(layout, source.architecture(model_cfg, hf_cfg))
+    arch = source.architecture(model_cfg, hf_cfg)
+    parallel.validate(layout, arch)
     if cfg.calib.all_experts and layout.etp > 1:
         raise UserError("calib.all_experts=true needs parallel.etp=1")
-    return Plan(recipe=recipe, layout=layout, mtq_config=mtq_config, model_cfg=model_cfg)
+    pattern = arch["hybrid_override_pattern"]
+    return Plan(recipe=recipe, layout=layout, mtq_config=recipes.modelopt_config(recipe, pattern),
+                model_cfg=model_cfg, pattern=pattern)
 
 
 def calibrate(cfg: DictConfig, p: Plan) -> Calibrated:
@@ -82,7 +89,8 @@ def calibrate(cfg: DictConfig, p: Plan) -> Calibrated:
     timings = {}
     t = time.perf_counter()
     hf_path = source.resolve(p.model_cfg)
-    loaded = model.load_hf(str(hf_path), p.layout, cfg.model.dtype, cfg.model.spec)
+    loaded = model.load_hf(str(hf_path), p.layout, cfg.model.dtype, cfg.model.spec,
+                           router_dtype=recipes.router_dtype(p.recipe))
     timings["load_s"] = time.perf_counter() - t
 
     tokenizer = AutoTokenizer.from_pretrained(str(hf_path))
@@ -99,11 +107,12 @@ def calibrate(cfg: DictConfig, p: Plan) -> Calibrated:
         def count_own_samples_only(i: int) -> None:
             counts.counting = i < local.own
 
-        quantization.quantize(loaded.chunks, p.mtq_config, local.batches, before_batch=count_own_samples_only)
+        quantization.quantize(loaded.chunks, p.local_config(loaded.chunks[0]), local.batches,
+                              before_batch=count_own_samples_only)
     timings["calibrate_s"] = time.perf_counter() - t
     logits_after = parallel.from_any_rank(forward.run(loaded.chunks, [probe_ids], vocab)[0])
     records = quantization.inventory(loaded.chunks)
-    check_recipe(p.recipe, records)
+    check_recipe(p.recipe, records, p.pattern)
     return Calibrated(loaded=loaded, hf_path=hf_path, data=data, probe_ids=probe_ids, logits_before=logits_before,
                       logits_after=logits_after, records=records,
                       coverage=counts.report(all_experts=cfg.calib.all_experts), timings=timings)
@@ -126,7 +135,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     t = time.perf_counter()
     partial, final = run_dir / "checkpoint.partial", run_dir / "checkpoint"
     metadata = {"model": p.model_cfg["name"], "source": str(result.hf_path), "recipe": p.recipe.name,
-                "layout": reporting.layout_dict(p.layout), "dtype": cfg.model.dtype}
+                "layout": reporting.layout_dict(p.layout), "dtype": cfg.model.dtype,
+                "router_dtype": recipes.router_dtype(p.recipe)}
     checkpoint.save(result.loaded.chunks, partial, str(result.hf_path), metadata)
     result.timings["save_s"] = time.perf_counter() - t
     result.timings["total_s"] = time.perf_counter() - t_start
@@ -155,21 +165,14 @@ def probe_batch(tokenizer, path: str, n: int, max_len: int) -> torch.Tensor:
     return torch.tensor([x[:length] for x in ids], dtype=torch.long)
 
 
-def check_recipe(recipe: DictConfig, records: list[quantization.QuantizerRecord]) -> None:
-    """The quantized modules must be exactly the kinds the recipe declares (ModelOpt presets change
-    between releases; a silent change in meaning must not reach a deployment)."""
-    declared = set(recipe.quantized_kinds)
-    if not declared:
-        return
-    quantized = {r.kind for r in records if r.role == "weight" and r.format != "BF16"}
-    present = {r.kind for r in records if r.role == "weight"}
-    missing = (declared & present) - quantized
-    extra = quantized - declared
-    if missing or extra:
-        raise UserError(
-            f"recipe {recipe.name}: quantized module kinds differ from its declaration "
-            f"(not quantized: {sorted(missing)}, unexpectedly quantized: {sorted(extra)})"
-        )
+def check_recipe(recipe: DictConfig, records: list[quantization.QuantizerRecord], pattern: str) -> None:
+    """Every weight must be in the format the recipe declares for its kind and layer (ModelOpt presets
+    change between releases; a silent change in meaning must not reach a deployment)."""
+    wrong = sorted({(r.kind, r.format, want) for r in records if r.role == "weight"
+                    for want in [recipes.expected_format(recipe, r.kind, r.layer, pattern)] if r.format != want})
+    if wrong:
+        shown = ", ".join(f"{kind} is {got}, declared {want}" for kind, got, want in wrong[:4])
+        raise UserError(f"recipe {recipe.name}: quantized modules differ from its declaration ({shown})")
 
 
 # Calibration algorithms whose activation statistics are maxima: a repeated sample changes nothing.
