@@ -10,6 +10,12 @@ when CUDA is absent (``apply()`` is a no-op on a GPU machine):
 * ``mamba_ssm``/``causal_conv1d`` ship their fused kernels as CUDA/Triton code but also pure-torch
   reference implementations of the same functions (``*_ref``). Megatron's ``MambaMixer`` calls the
   kernels through module globals; on CPU those globals point at the reference ops.
+* Its static-batching inference path (prefill, then one token per step) calls mamba_ssm's Triton
+  ``mamba_chunk_scan_combined`` for the prompt's final state and megatron's own Triton
+  ``selective_state_update`` / ``causal_conv1d_update`` for a step: on CPU they are
+  ``selective_scan_ref`` (which returns the final state), ``selective_state_update_ref`` and
+  ``causal_conv1d_update_ref``, one token at a time. The dynamic-batching arguments (state indices,
+  intermediate states, packed sequences) are refused.
 * ``HybridStack.final_norm`` and ModelOpt's TE-free hybrid spec instantiate Transformer-Engine norms
   unconditionally: on CPU they use megatron's own ``WrappedTorchNorm`` (same RMSNorm maths, same
   parameter name ``weight``).
@@ -129,6 +135,55 @@ def _patch_mamba_mixer() -> None:
     mamba_mixer.causal_conv1d_fn = None  # the mixer then runs its own nn.Conv1d
 
 
+def _patch_mamba_inference() -> None:
+    import megatron.core.ssm.mamba_mixer as mamba_mixer
+    from causal_conv1d.causal_conv1d_interface import causal_conv1d_update_ref
+    from einops import rearrange, repeat
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update_ref
+
+    def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
+                   seq_idx=None, cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
+                   return_final_states=False, return_varlen_states=False):
+        if initial_states is not None or seq_idx is not None or return_varlen_states or dt_limit != (0.0, float("inf")):
+            raise NotImplementedError("initial states, packed sequences and dt limits need the CUDA mamba kernels")
+        headdim, dstate = x.shape[-1], B.shape[-1]
+        if D is not None:  # per head, or per head and channel
+            D = (rearrange(D, "h p -> (h p)") if D.dim() == 2 else repeat(D, "h -> (h p)", p=headdim)).float()
+        out, last = selective_scan_ref(  # over channels (h p), as mamba_ssm's ssd_selective_scan
+            rearrange(x, "b l h p -> b (h p) l"), repeat(dt, "b l h -> b (h p) l", p=headdim),
+            repeat(A, "h -> (h p) n", p=headdim, n=dstate).float(),
+            rearrange(B, "b l g n -> b g n l"), rearrange(C, "b l g n -> b g n l"), D=D,
+            z=None if z is None else rearrange(z, "b l h p -> b (h p) l"),
+            delta_bias=None if dt_bias is None else repeat(dt_bias, "h -> (h p)", p=headdim),
+            delta_softplus=dt_softplus, return_last_state=True,
+        )
+        out = rearrange(out, "b (h p) l -> b l h p", p=headdim)
+        return (out, rearrange(last, "b (h p) n -> b h p n", p=headdim)) if return_final_states else out
+
+    def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                     state_batch_indices=None, intermediate_ssm_states=None):
+        if state_batch_indices is not None or intermediate_ssm_states is not None:
+            raise NotImplementedError("dynamic batching needs the CUDA mamba kernels")
+        return torch.stack([  # x, dt, B, C, z: [batch, tokens, heads|groups, ...]
+            selective_state_update_ref(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D=D,
+                                       z=None if z is None else z[:, t], dt_bias=dt_bias, dt_softplus=dt_softplus)
+            for t in range(x.shape[1])
+        ], dim=1)
+
+    def conv_update(x, conv_state, weight, bias, silu_activation, conv_state_indices=None,
+                    intermediate_conv_states=None):
+        if conv_state_indices is not None or intermediate_conv_states is not None:
+            raise NotImplementedError("dynamic batching needs the CUDA causal-conv1d kernels")
+        out = causal_conv1d_update_ref(rearrange(x, "b s d -> b d s"), conv_state, weight, bias,
+                                       activation="silu" if silu_activation else None)
+        return rearrange(out, "b d s -> b s d")
+
+    mamba_mixer.mamba_chunk_scan_combined = chunk_scan
+    mamba_mixer.selective_state_update = state_update
+    mamba_mixer.causal_conv1d_update = conv_update
+
+
 def _patch_te_norms() -> None:
     import megatron.core.models.hybrid.hybrid_block as hybrid_block
     import megatron.core.post_training.modelopt.hybrid.model_specs as modelopt_specs
@@ -241,6 +296,7 @@ def apply() -> bool:
     _patch_torch_cuda()
     _patch_mamba_kernels_before_import()
     _patch_mamba_mixer()
+    _patch_mamba_inference()
     _patch_te_norms()
     _patch_schedules()
     _patch_moe_alltoall()
