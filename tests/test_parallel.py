@@ -67,14 +67,19 @@ def test_bad_layout_is_one_line_error_before_process_groups(tmp_path):
 
 # --- layout parity ---------------------------------------------------------------------------
 
-ALL_LAYOUTS = ["tp2", "pp2", "ep2", "tp2ep2", "tp2pp2", "pp2ep2", "dp2", "ep2etp2"]
+# dpN fixes the world size (tp2dp1: 2 processes); without it a layout fills 4 processes with data parallelism.
+ALL_LAYOUTS = ["tp2dp1", "pp2dp1", "ep2dp2", "dp2", "tp2ep2", "tp2pp2", "pp2ep2", "ep2etp2"]
+# Every layout with one recipe; every recipe with tensor and with expert parallelism (all recipes on
+# all layouts: bench/layout_parity.py).
 PARITY_CASES = {
     "mamba_moe_fp8_conservative": ALL_LAYOUTS,
-    "mamba_moe_nvfp4_aggressive": ALL_LAYOUTS,
+    "mamba_moe_fp8_aggressive": ["tp2dp1", "ep2dp2"],
+    "mamba_moe_nvfp4_conservative": ["tp2dp1", "ep2dp2"],
+    "mamba_moe_nvfp4_aggressive": ["tp2dp1", "ep2dp2"],
     # per-layer BF16 rule (rank-local layer indices under PP), FP8 KV cache, dynamic per-token activations
-    "cascade2_fp8_selective": ["tp2", "pp2", "ep2"],
+    "cascade2_fp8_selective": ["tp2dp1", "ep2dp2", "pp2dp1"],
     # static NVFP4 block scales by MSE, also with the experts split over ranks (ETP2)
-    "super_nvfp4_mixed": ["tp2", "ep2", "ep2etp2"],
+    "super_nvfp4_mixed": ["tp2dp1", "ep2dp2", "ep2etp2"],
 }
 
 
@@ -90,7 +95,7 @@ def test_every_layout_calibrates_the_same_amax(parity_rows, recipe):
     rows = parity_rows[recipe]
     print("\n" + layout_parity.table(recipe, rows))
     reference = rows["1x1x1"]
-    assert reference["matched"] > 100
+    assert reference["matched"] >= 100
     for spec in PARITY_CASES[recipe]:
         row = rows[spec]
         assert row["missing"] == [] and row["extra"] == [], (spec, row["missing"][:3], row["extra"][:3])
