@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -160,14 +160,18 @@ def modelopt_config(recipe: Mapping[str, Any], pattern: str = "", local_layers: 
     return {"quant_cfg": entries, "algorithm": algorithm}
 
 
-def expected_format(recipe: Mapping[str, Any], kind: str | None, layer: int | None, pattern: str) -> str:
-    """The weight format the recipe declares for a module of ``kind`` in global ``layer``."""
+def declared_formats(recipe: Mapping[str, Any], pattern: str) -> Callable[[str | None, int | None], str]:
+    """``format(kind, layer)``: the weight format the recipe declares for a module of ``kind`` in
+    global ``layer`` (the recipe's rules are resolved once, against the model's pattern)."""
     declared = dict(recipe.get("quantized_kinds") or {})
-    if kind not in declared:
-        return "BF16"
-    if layer is not None and layer in kept_bf16(recipe, pattern).get(kind, ()):
-        return "BF16"
-    return declared[kind]
+    kept = {kind: set(layers) for kind, layers in kept_bf16(recipe, pattern).items()}
+
+    def format_of(kind: str | None, layer: int | None) -> str:
+        if kind not in declared or layer in kept.get(kind, ()):
+            return "BF16"
+        return declared[kind]
+
+    return format_of
 
 
 def router_dtype(recipe: Mapping[str, Any]) -> str | None:

@@ -168,8 +168,9 @@ def probe_batch(tokenizer, path: str, n: int, max_len: int) -> torch.Tensor:
 def check_recipe(recipe: DictConfig, records: list[quantization.QuantizerRecord], pattern: str) -> None:
     """Every weight must be in the format the recipe declares for its kind and layer (ModelOpt presets
     change between releases; a silent change in meaning must not reach a deployment)."""
+    declared = recipes.declared_formats(recipe, pattern)
     wrong = sorted({(r.kind, r.format, want) for r in records if r.role == "weight"
-                    for want in [recipes.expected_format(recipe, r.kind, r.layer, pattern)] if r.format != want})
+                    for want in [declared(r.kind, r.layer)] if r.format != want})
     if wrong:
         shown = ", ".join(f"{kind} is {got}, declared {want}" for kind, got, want in wrong[:4])
         raise UserError(f"recipe {recipe.name}: quantized modules differ from its declaration ({shown})")
