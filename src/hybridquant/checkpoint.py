@@ -51,6 +51,24 @@ def save(chunks: list, directory: Path, hf_path: str, metadata: dict[str, Any]) 
     parallel.barrier()
 
 
+def resolve(path: str | Path) -> Path:
+    """A quantized checkpoint given as its directory or as the quantize run directory that holds it."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist")
+    if not (path / METADATA).exists() and (path / "checkpoint").is_dir():
+        return path / "checkpoint"
+    return path
+
+
+def layout_for(parallel_cfg, meta: dict[str, Any], world_size: int) -> "parallel.Layout":
+    """The layout to load a checkpoint with: each size given in ``parallel_cfg``, else the one it was
+    saved with (the calibration layout)."""
+    saved = meta.get("layout", {})
+    sizes = {name: getattr(parallel_cfg, name, None) or saved.get(name, 1) for name in ("tp", "pp", "ep", "etp")}
+    return parallel.Layout(**sizes, world_size=world_size)
+
+
 def read_metadata(directory: Path) -> dict[str, Any]:
     path = Path(directory) / METADATA
     if not path.is_file():
@@ -69,18 +87,33 @@ def load_into(chunks: list, directory: Path) -> None:
     """Restore ModelOpt state (quantizers) and weights + amax into freshly built ``chunks``."""
     from megatron.core import dist_checkpointing
     from modelopt.torch.opt.plugins.mcore_dist_checkpointing import restore_sharded_modelopt_state
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from hybridquant.compat import patch_modelopt
 
     patch_modelopt()
-    restore_sharded_modelopt_state(chunks, str(directory))
-    state = dist_checkpointing.load(chunks[0].sharded_state_dict(), str(directory))
-    result = chunks[0].load_state_dict(state, strict=False)
+    try:
+        restore_sharded_modelopt_state(chunks, str(directory))
+        state = dist_checkpointing.load(chunks[0].sharded_state_dict(), str(directory))
+        result = chunks[0].load_state_dict(state, strict=False)
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - unreadable or foreign files: one line
+        raise UserError(f"checkpoint {directory} cannot be loaded into the model its hf/config.json describes "
+                        f"(corrupt, or saved from another model): {_cause(exc)}"[:600]) from exc
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing:
         raise UserError(f"checkpoint {directory} does not match the model: missing {missing[:4]}")
     for chunk in chunks:
         chunk.eval()
+
+
+def _cause(exc: BaseException) -> str:
+    """The root failure in one line (torch's CheckpointException wraps each rank's exception)."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        exc = inner[0] if isinstance(inner, tuple) else inner
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def load_quantized(directory: Path, layout, spec: str = "auto"):

@@ -191,13 +191,27 @@ def from_any_rank(obj):
     return next((g for g in gathered if g is not None), None)
 
 
+def from_last_stage(value: int) -> int:
+    """The integer (a sampled token) that the last pipeline stage holds, on every rank of this rank's
+    pipeline; other stages pass anything. Ranks of the last stage must already agree."""
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized() or parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return value
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                   group=parallel_state.get_pipeline_model_parallel_group())
+    return int(t)
+
+
 def fault_point(name: str) -> None:
     """Fault injection for testing failure handling with real ranks.
 
     ``HYBRIDQUANT_FAULT=<rank>:<point>`` makes that rank fail at that point (``load``, ``calibrate``
     (inside the first calibration forward, while peers are in collectives), ``save``).
     ``HYBRIDQUANT_FAULT_KIND`` says how: ``raise`` (default: an exception, as a bad file or a failed
-    assertion), ``kill`` (SIGKILL, as the kernel's OOM killer does) or ``hang`` (blocks outside any
+    assertion), ``enospc`` (the OSError of a full disk, at ``export.write``), ``kill`` (SIGKILL, as the kernel's OOM killer does) or ``hang`` (blocks outside any
     collective; its peers' collectives then time out after ``cluster.timeout_s``).
     """
     spec = os.environ.get("HYBRIDQUANT_FAULT")
@@ -207,6 +221,10 @@ def fault_point(name: str) -> None:
     if point != name or int(fault_rank) != rank():
         return
     kind = os.environ.get("HYBRIDQUANT_FAULT_KIND", "raise")
+    if kind == "enospc":
+        import errno
+
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     if kind == "kill":
         import signal
 

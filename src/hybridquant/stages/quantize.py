@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from hybridquant import (calib, checkpoint, coverage, forward, model, parallel, quantization, recipes, reporting,
-                         source)
+from hybridquant import (calib, checkpoint, coverage, forward, memory, model, parallel, quantization, recipes,
+                         reporting, source)
 from hybridquant.errors import UserError
 
 log = logging.getLogger("hybridquant.quantize")
@@ -192,11 +192,4 @@ def check_even_split(mtq_config: dict, samples: int, dp: int) -> None:
 
 def gather_peak_rss_mb() -> list[float]:
     """Peak resident memory of every rank, in MiB (collective)."""
-    import torch.distributed as dist
-
-    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    if not dist.is_initialized():
-        return [mine]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, mine)
-    return [float(x) for x in out]
+    return [float(x) for x in memory.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)]
