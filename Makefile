@@ -1,5 +1,5 @@
 # Every target sets up .venv first (launch/setup.sh; a no-op when it is current).
-.PHONY: setup quantize test test-fast clean
+.PHONY: setup quantize export test test-fast clean
 
 NPROC ?= 1
 RECIPE ?= mamba_moe_fp8_conservative
@@ -11,6 +11,11 @@ setup:
 ## The main job on the embedded default (tiny Nemotron-H, shipped calibration text).
 quantize: setup
 	.venv/bin/torchrun --nproc_per_node=$(NPROC) pipeline/quantize.py +quant=$(RECIPE) $(ARGS)
+
+## Export the run `make quantize` made (same NPROC/RECIPE) as a Hugging Face checkpoint in ModelOpt format.
+export: setup
+	.venv/bin/torchrun --nproc_per_node=$(NPROC) pipeline/export.py \
+		checkpoint=runs/quantize/tiny-$(RECIPE)-tp1pp1ep1etp1 output_dir=runs/export/tiny-$(RECIPE) export.overwrite=true $(ARGS)
 
 ## The test suite (what CI runs).
 test: setup

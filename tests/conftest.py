@@ -53,3 +53,25 @@ def calib_batches(tiny_checkpoint):
 
     tok = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
     return calib.load("package:calib.jsonl", tok, num_samples=8, max_seq_len=128, seed=0).samples
+
+
+@pytest.fixture(scope="session")
+def quantized(tmp_path_factory):
+    """``quantized(recipe, *overrides, nproc=1)``: the run directory of a real quantize run (torchrun),
+    made once per session for each distinct call and shared by the tests that read it."""
+    from launch import run_stage
+
+    runs: dict = {}
+
+    def get(recipe: str, *overrides: str, nproc: int = 1):
+        key = (recipe, overrides, nproc)
+        if key not in runs:
+            root = tmp_path_factory.mktemp("quantize")
+            proc = run_stage("quantize", [f"+quant={recipe}", f"output_root={root}", *overrides], nproc=nproc)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            (run_dir,) = (root / "quantize").iterdir()
+            runs[key] = (run_dir, proc)
+        return runs[key][0]
+
+    get.stdout = lambda recipe, *overrides, nproc=1: runs[(recipe, overrides, nproc)][1].stdout
+    return get

@@ -12,21 +12,19 @@ from launch import error_lines, run_stage
 pytestmark = pytest.mark.distributed
 
 
-def _run_dir(root, recipe):
-    return root / "quantize" / f"tiny-{recipe}-tp1pp1ep1etp1"
+STATIC_ETP2 = ("calib.num_samples=2", "calib.max_seq_len=64", "parallel.etp=2")
 
 
 @pytest.mark.parametrize("recipe,kv_cache", [("mamba_moe_fp8_conservative", "none"),
                                              ("mamba_moe_nvfp4_aggressive", "fp8")])
-def test_quantize_saves_a_checkpoint_that_reproduces_the_quantized_logits(recipe, kv_cache, tmp_path, world1):
-    proc = run_stage("quantize", [f"+quant={recipe}", f"output_root={tmp_path}", "calib.num_samples=8",
-                                  f"quant.kv_cache={kv_cache}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = _run_dir(tmp_path, recipe)
+def test_quantize_saves_a_checkpoint_that_reproduces_the_quantized_logits(recipe, kv_cache, quantized, world1):
+    overrides = ("calib.num_samples=8", f"quant.kv_cache={kv_cache}")
+    run_dir = quantized(recipe, *overrides)
+    assert run_dir.name == f"tiny-{recipe}-tp1pp1ep1etp1"
     report = json.loads((run_dir / "report.json").read_text())
     assert report["recipe"]["name"] == recipe and report["calibration"]["samples"] == 8
     assert report["summary"]["routed_expert.fc1"]["modules"] == 40
-    assert f"quantized tiny with {recipe}" in proc.stdout
+    assert f"quantized tiny with {recipe}" in quantized.stdout(recipe, *overrides)
     assert not (run_dir / "checkpoint.partial").exists()
 
     from hybridquant import checkpoint, forward
@@ -72,13 +70,11 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, tiny_model_cfg):
     assert len(errors) == 1 and "hidden_size" in errors[0] and "not tiny" in errors[0], proc.stderr[-2000:]
 
 
-def test_static_nvfp4_block_scales_split_over_ranks_reload_whole(tmp_path, world1):
+def test_static_nvfp4_block_scales_split_over_ranks_reload_whole(quantized, world1):
     """Experts split over 2 ranks (ETP2): each rank calibrates the MSE block scales of its half; the
     checkpoint holds both halves and a single process gets the whole grid back, bit for bit."""
-    proc = run_stage("quantize", ["+quant=super_nvfp4_mixed", f"output_root={tmp_path}", "calib.num_samples=2",
-                                  "calib.max_seq_len=64", "parallel.etp=2"], nproc=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = tmp_path / "quantize" / "tiny-super_nvfp4_mixed-tp1pp1ep1etp2"
+    run_dir = quantized("super_nvfp4_mixed", *STATIC_ETP2, nproc=2)
+    assert run_dir.name == "tiny-super_nvfp4_mixed-tp1pp1ep1etp2"
     report = json.loads((run_dir / "report.json").read_text())
     saved = {(r["name"], r["role"]): r for r in report["quantizers"]}
 

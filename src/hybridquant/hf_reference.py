@@ -18,13 +18,19 @@ from __future__ import annotations
 import torch
 
 
-def load(path: str, max_seq_len: int = 512, dtype: torch.dtype = torch.float32):
+def load(path: str, max_seq_len: int = 512, dtype: torch.dtype = torch.float32, strict: bool = False):
+    """The model; with ``strict``, a checkpoint that leaves any weight missing or unused is refused."""
     from transformers import NemotronHForCausalLM
 
     chunk = 1 << max(int(max_seq_len) - 1, 1).bit_length()
-    model = NemotronHForCausalLM.from_pretrained(
+    model, info = NemotronHForCausalLM.from_pretrained(
         str(path), dtype=dtype, time_step_min=0.0, chunk_size=chunk, use_mamba_kernels=False,
+        output_loading_info=True,
     )
+    if strict:
+        problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if problems:
+            raise ValueError(f"{path} does not match NemotronHForCausalLM: {problems}")
     return model.eval()
 
 

@@ -82,7 +82,66 @@ class RecipeTableConf:
     output: Optional[str] = None      # write <output>.md and <output>.json as well
 
 
+@dataclass
+class LoadLayoutConf:
+    """Layout to load a saved checkpoint with; a null size means the one it was saved with."""
+    tp: Optional[int] = None
+    pp: Optional[int] = None
+    ep: Optional[int] = None
+    etp: Optional[int] = None
+
+
+@dataclass
+class ExportOptions:
+    overwrite: bool = False
+    max_shard_size: str = "5GB"
+
+
+@dataclass
+class ExportConf:
+    checkpoint: str = MISSING
+    output_dir: str = MISSING
+    parallel: LoadLayoutConf = field(default_factory=LoadLayoutConf)
+    cluster: ClusterConf = MISSING
+    export: ExportOptions = field(default_factory=ExportOptions)
+    seed: int = 1234
+
+
+@dataclass
+class InferenceConf:
+    ssm_state_dtype: str = "fp32"     # fp32 | fp16 | fp16_stochastic
+    seed: int = 0
+    philox_rounds: int = 5
+
+
+@dataclass
+class GenerationOptions:
+    mode: str = "thinking"            # thinking | instruct | raw
+    max_new_tokens: int = 48
+    do_sample: bool = False
+    temperature: float = 0.6
+    top_k: int = 0
+    top_p: float = 0.95
+    seed: int = 0
+    cache: str = "auto"               # auto | recurrent | recompute
+
+
+@dataclass
+class GenerateConf:
+    checkpoint: str = MISSING
+    parallel: LoadLayoutConf = field(default_factory=LoadLayoutConf)
+    cluster: ClusterConf = MISSING
+    inference: InferenceConf = MISSING
+    prompts: List[str] = field(default_factory=list)
+    prompts_path: Optional[str] = None
+    output: Optional[str] = None
+    generation: GenerationOptions = field(default_factory=GenerationOptions)
+    seed: int = 1234
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="quantize_schema", node=QuantizeConf)
     cs.store(name="recipe_table_schema", node=RecipeTableConf)
+    cs.store(name="export_schema", node=ExportConf)
+    cs.store(name="generate_schema", node=GenerateConf)

@@ -1,0 +1,208 @@
+"""The export stage run as users run it (torchrun), its output read back by an independent reader
+(tests/hf_reader.py: safetensors + transformers, no ModelOpt), layout independence, determinism and
+bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import hf_reader
+from launch import error_lines, run_stage
+
+pytestmark = pytest.mark.distributed
+
+FP8 = ("mamba_moe_fp8_conservative", "calib.num_samples=8", "quant.kv_cache=none")
+NVFP4 = ("mamba_moe_nvfp4_aggressive", "calib.num_samples=8", "quant.kv_cache=fp8")
+SELECTIVE = ("cascade2_fp8_selective", "calib.num_samples=4")
+# MSE-calibrated (static) NVFP4 experts + FP8 elsewhere, calibrated with the experts split over 2 ranks.
+STATIC_ETP2 = ("super_nvfp4_mixed", "calib.num_samples=2", "calib.max_seq_len=64", "parallel.etp=2")
+RECIPES = {"fp8": (FP8, 1, "FP8"), "nvfp4": (NVFP4, 1, "NVFP4"), "selective": (SELECTIVE, 1, "FP8"),
+           "static_mixed": (STATIC_ETP2, 2, "MIXED_PRECISION")}
+TOLERANCE = 1e-3  # relative L2 error of the logits, weight-only; measured ~1e-6 (float32 rounding)
+
+
+def export(checkpoint, out, nproc=1, *overrides, env=None):
+    return run_stage("export", [f"checkpoint={checkpoint}", f"output_dir={out}", *overrides], nproc=nproc,
+                     extra_env=env)
+
+
+@pytest.fixture(scope="module")
+def exported(quantized, tmp_path_factory):
+    """Each recipe's checkpoint exported once, at its calibration layout."""
+    done = {}
+
+    def get(key):
+        if key not in done:
+            args, nproc, _ = RECIPES[key]
+            run_dir = quantized(*args, nproc=nproc)
+            out = tmp_path_factory.mktemp("export") / key
+            proc = export(run_dir, out, nproc)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            done[key] = (run_dir, out, proc)
+        return done[key]
+    return get
+
+
+def _weight_only_megatron_logits(run_dir, world, input_ids):
+    """The quantized Megatron model's logits with only its weight quantizers on: what the exported
+    weights alone must reproduce (activation and KV-cache quantization happen in the serving engine)."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from hybridquant import checkpoint, forward
+
+    loaded, _ = checkpoint.load_quantized(run_dir / "checkpoint", world)
+    for name, module in loaded.module.named_modules():
+        if isinstance(module, TensorQuantizer) and not name.endswith("weight_quantizer"):
+            module.disable()
+    return forward.run(loaded.chunks, [input_ids], loaded.hf_vocab_size)[0]
+
+
+@pytest.mark.parametrize("key", list(RECIPES))
+def test_independent_reader_reproduces_the_fake_quant_logits(key, exported, world1):
+    run_dir, out, proc = exported(key)
+    _, _, quant_algo = RECIPES[key]
+    assert "exported tiny" in proc.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    from hybridquant import export as export_lib
+
+    assert export_lib.verify(out) == []
+    for name in ("config.json", "hf_quant_config.json", "model.safetensors.index.json", "tokenizer.json",
+                 "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+        assert name in manifest["files"], name
+    hf_quant = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
+    config = json.loads((out / "config.json").read_text())
+    assert hf_quant["quant_algo"] == quant_algo
+    assert config["quantization_config"]["quant_method"] == "modelopt"
+    assert config["quantization_config"]["quant_algo"] == quant_algo
+
+    model, formats = hf_reader.build_model(out, out.parent / f"{key}-dequantized")
+    tensors = hf_reader.read_tensors(out)
+    # Per-expert names, as vLLM's Nemotron-H loader expects them.
+    assert "backbone.layers.1.mixer.experts.7.down_proj.weight" in formats
+    # What is stored quantized is what the config says is quantized (vLLM's fnmatch rules).
+    linear = {n[: -len(".weight")]: f for n, f in formats.items()
+              if n.endswith(".weight") and "embeddings" not in n and tensors[n].dim() == 2}
+    for module, fmt in linear.items():
+        if quant_algo == "MIXED_PRECISION":
+            layer = hf_quant["quantized_layers"].get(module)
+            assert (layer is None) == (fmt == "unquantized"), module
+            if layer:
+                assert layer["quant_algo"] == ("FP8" if fmt == "fp8" else "NVFP4"), module
+        else:
+            assert "\x00" not in json.dumps(hf_quant["exclude_modules"])
+            assert hf_reader.excluded(module, hf_quant["exclude_modules"]) == (fmt == "unquantized"), module
+    if key == "nvfp4":
+        assert hf_quant["kv_cache_quant_algo"] == "FP8"
+        for attn in (5, 10):
+            for kv in ("k", "v"):
+                scale = tensors[f"backbone.layers.{attn}.mixer.{kv}_proj.{kv}_scale"]
+                assert scale.dtype == torch.float32 and scale.numel() == 1 and scale.item() > 0
+        assert formats["backbone.layers.1.mixer.experts.0.up_proj.weight"] == "nvfp4/16"
+    if key == "static_mixed":
+        assert formats["backbone.layers.1.mixer.experts.0.up_proj.weight"] == "nvfp4/16"
+        assert formats["backbone.layers.0.mixer.in_proj.weight"] == "fp8"
+
+    probe = torch.load(run_dir / "probe.pt")
+    ids = probe["input_ids"]
+    reference = _weight_only_megatron_logits(run_dir, world1, ids)
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits
+    rel = ((logits - reference).norm() / reference.norm()).item()
+    print(f"{key}: weight-only logits, independent reader vs Megatron fake quant: rel {rel:.2e}")
+    assert rel <= TOLERANCE
+    assert not torch.equal(logits, probe["logits_before"])
+
+
+def _shard_digests(directory):
+    manifest = json.loads((directory / "manifest.json").read_text())
+    return {name: entry["sha256"] for name, entry in manifest["files"].items() if name.endswith(".safetensors")}
+
+
+@pytest.mark.parametrize("layout", [("parallel.tp=2",), ("parallel.ep=2",), ("parallel.pp=2",)],
+                         ids=lambda layout: layout[0].split(".")[1])
+def test_export_at_any_layout_writes_the_same_bytes(layout, exported, tmp_path):
+    """The same calibration exported by 2 ranks (weights gathered over TP, EP or PP) and by one."""
+    run_dir, single, _ = exported("fp8")
+    proc = export(run_dir, tmp_path / "out", 2, *layout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _shard_digests(tmp_path / "out") == _shard_digests(single)
+    assert (tmp_path / "out" / "manifest.json").read_bytes() == (single / "manifest.json").read_bytes()
+
+
+def test_static_nvfp4_export_gathers_block_scales_at_any_layout(exported, tmp_path):
+    """MSE block scales are not a function of the weight: exported at ETP2 (their calibration layout)
+    and by one process (resharded on load), they must be the same bytes."""
+    run_dir, sharded, _ = exported("static_mixed")
+    proc = export(run_dir, tmp_path / "single", 1, "parallel.etp=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _shard_digests(tmp_path / "single") == _shard_digests(sharded)
+
+
+def test_two_exports_of_one_checkpoint_are_byte_identical(exported, tmp_path):
+    run_dir, first, _ = exported("nvfp4")
+    proc = export(run_dir, tmp_path / "again")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == sorted(p.name for p in first.iterdir())
+    for path in first.iterdir():
+        assert (tmp_path / "again" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+
+def test_missing_checkpoint_is_one_line_error(tmp_path):
+    proc = export(tmp_path / "nowhere", tmp_path / "out")
+    errors = error_lines(proc)
+    assert proc.returncode != 0 and len(errors) == 1 and "does not exist" in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "other_model"])
+def test_damaged_checkpoint_is_one_line_error_and_no_export(damage, quantized, tmp_path):
+    run_dir = quantized(*FP8)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run_dir / "checkpoint", ckpt)
+    if damage == "corrupt":
+        (data,) = ckpt.glob("*.distcp")
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+        expected = "cannot be loaded"
+    else:  # the files of this checkpoint, the config of a wider model
+        config = json.loads((ckpt / "hf" / "config.json").read_text())
+        config["hidden_size"], config["head_dim"] = 64, 16
+        (ckpt / "hf" / "config.json").write_text(json.dumps(config))
+        expected = "cannot be loaded"
+    proc = export(ckpt, tmp_path / "out")
+    errors = error_lines(proc)
+    assert proc.returncode != 0 and len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_non_empty_output_dir_is_refused_unless_overwrite(exported, tmp_path):
+    run_dir, reference, _ = exported("fp8")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    proc = export(run_dir, out)
+    errors = error_lines(proc)
+    assert proc.returncode != 0 and len(errors) == 1 and "export.overwrite=true" in errors[0], proc.stderr[-2000:]
+    assert (out / "notes.txt").read_text() == "mine"
+    proc = export(run_dir, out, 1, "export.overwrite=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (out / "notes.txt").exists()
+    assert _shard_digests(out) == _shard_digests(reference)
+
+
+@pytest.mark.parametrize("nproc,rank", [(1, 0), (2, 1)])
+def test_disk_full_is_one_line_error_and_no_export(nproc, rank, quantized, tmp_path):
+    run_dir = quantized(*FP8)
+    env = {"HYBRIDQUANT_FAULT": f"{rank}:export.write", "HYBRIDQUANT_FAULT_KIND": "enospc"}
+    overrides = ("parallel.ep=2",) if nproc == 2 else ()
+    proc = export(run_dir, tmp_path / "out", nproc, *overrides, env=env)
+    errors = error_lines(proc)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert errors and "No space left on device" in errors[0], proc.stderr[-2000:]
+    assert len(errors) == 1 or nproc > 1  # with 2 ranks its peer may also report the lost job
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.rglob("manifest.json"))
