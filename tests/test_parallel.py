@@ -69,12 +69,12 @@ def test_bad_layout_is_one_line_error_before_process_groups(tmp_path):
 
 # dpN fixes the world size (tp2dp1: 2 processes); without it a layout fills 4 processes with data parallelism.
 ALL_LAYOUTS = ["tp2dp1", "pp2dp1", "ep2dp2", "dp2", "tp2ep2", "tp2pp2", "pp2ep2", "ep2etp2"]
-# Every layout with one recipe; every recipe with tensor and with expert parallelism (all recipes on
-# all layouts: bench/layout_parity.py).
+# Every layout with one recipe; every quantizer format and quantized module kind with tensor and with
+# expert parallelism (all recipes on all layouts: bench/layout_parity.py). The FP8-aggressive and
+# NVFP4-conservative presets add no format or module kind to these four.
 PARITY_CASES = {
     "mamba_moe_fp8_conservative": ALL_LAYOUTS,
-    "mamba_moe_fp8_aggressive": ["tp2dp1", "ep2dp2"],
-    "mamba_moe_nvfp4_conservative": ["tp2dp1", "ep2dp2"],
+    # dynamic NVFP4 on experts and Mamba in/out_proj
     "mamba_moe_nvfp4_aggressive": ["tp2dp1", "ep2dp2"],
     # per-layer BF16 rule (rank-local layer indices under PP), FP8 KV cache, dynamic per-token activations
     "cascade2_fp8_selective": ["tp2dp1", "ep2dp2", "pp2dp1"],
@@ -104,9 +104,15 @@ def test_every_layout_calibrates_the_same_amax(parity_rows, recipe):
         assert row["max_abs_logit_diff_unquantized"] <= 1e-4, spec
         # per-block weight scales (static NVFP4) depend on the weights only: identical whatever the split
         assert row["blocks_identical"] == row["blocks_matched"] == reference["blocks_matched"], spec
-        if row["layout"]["tp"] == 1 and row["layout"]["etp"] == 1:
-            # No tensor parallelism: every GEMM sums in the same order as one process.
+        layout = row["layout"]
+        if layout["tp"] == layout["etp"] == layout["ep"] == layout["dp"] == 1:
+            # Pipeline stages only: every GEMM sees the same rows, in the same order, as one process.
             assert row["identical"] == row["matched"], f"{spec}: {row['worst']} differs"
+        elif layout["tp"] == 1 and layout["etp"] == 1:
+            # Expert/data parallelism changes how many tokens an expert GEMM gets at once, and the CPU
+            # BLAS picks its kernel by row count (MKL on AVX-512: a row's result can change in the last
+            # bit with M): float32 rounding, nothing more.
+            assert row["max_rel_amax_diff"] <= 1e-6, f"{spec}: {row['worst']}"
         else:
             # Tensor-parallel GEMMs reduce partial sums across ranks (another float summation order).
             assert row["max_rel_amax_diff"] <= 1e-5, f"{spec}: {row['worst']}"
