@@ -89,3 +89,23 @@ def test_static_nvfp4_block_scales_split_over_ranks_reload_whole(quantized, worl
         assert saved[(rec.name, rec.role)]["amax"] == rec.amax, rec.name
         assert saved[(rec.name, rec.role)]["blocks"] == rec.blocks, rec.name
         assert saved[(rec.name, rec.role)]["replicas_agree"], rec.name
+
+
+def test_bfloat16_models_are_wrapped_and_still_calibrate_save_and_load(tiny_checkpoint, world1, tmp_path):
+    """The real models run in bfloat16, where megatron wraps each chunk in a Float16Module: every
+    helper that walks the decoder, and checkpoint loading, must see through it."""
+    import modelopt.torch.quantization as mtq
+
+    from hybridquant import checkpoint, coverage, model, quantization
+
+    loaded = model.load_hf(str(tiny_checkpoint), world1, "bfloat16")
+    chunk = loaded.chunks[0]
+    assert type(chunk).__name__ == "Float16Module"
+    assert quantization.global_layers(chunk) == list(range(12))
+    with coverage.ExpertCoverage(loaded.chunks, all_experts=False) as cov:
+        quantization.quantize(loaded.chunks, mtq.MAMBA_MOE_FP8_CONSERVATIVE_CFG, [torch.tensor([[5, 6, 7, 8]])])
+    assert cov.counts
+    checkpoint.save(loaded.chunks, tmp_path / "ckpt", str(tiny_checkpoint),
+                    {"model": "tiny", "dtype": "bfloat16", "layout": {"tp": 1, "pp": 1, "ep": 1, "etp": 1}})
+    restored, meta = checkpoint.load_quantized(tmp_path / "ckpt", world1)
+    assert meta["dtype"] == "bfloat16" and type(restored.chunks[0]).__name__ == "Float16Module"

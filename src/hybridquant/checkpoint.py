@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from hybridquant import parallel
+from hybridquant import modules, parallel
 from hybridquant.errors import UserError
 
 METADATA = "hybridquant.json"
@@ -95,7 +95,7 @@ def load_into(chunks: list, directory: Path) -> None:
     try:
         restore_sharded_modelopt_state(chunks, str(directory))
         state = dist_checkpointing.load(chunks[0].sharded_state_dict(), str(directory))
-        result = chunks[0].load_state_dict(state, strict=False)
+        result = modules.unwrap(chunks[0]).load_state_dict(state, strict=False)  # Float16Module returns None
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - unreadable or foreign files: one line
         raise UserError(f"checkpoint {directory} cannot be loaded into the model its hf/config.json describes "
                         f"(corrupt, or saved from another model): {_cause(exc)}"[:600]) from exc

@@ -44,7 +44,7 @@ class ExpertCoverage:
         from megatron.core.transformer.moe.router import TopKRouter
 
         for chunk in self.chunks:
-            layers = chunk.decoder.layers
+            layers = modules.unwrap(chunk).decoder.layers
             offset = layers[0].layer_number - 1 if len(layers) else 0
             for name, mod in chunk.named_modules():
                 if isinstance(mod, TopKRouter):

@@ -32,7 +32,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from hybridquant import parallel
+from hybridquant import modules, parallel
 from hybridquant.errors import UserError
 
 QUANT_CONFIG = "hf_quant_config.json"
@@ -150,7 +150,7 @@ def _local_kv_scales(tasks: list, chunks: list) -> tuple[dict[str, torch.Tensor]
             qkv_names[int(m.group(1))] = task.mapping.hf_param
     scales, formats = {}, set()
     for chunk in chunks:
-        for layer in chunk.decoder.layers:
+        for layer in modules.unwrap(chunk).decoder.layers:
             core = getattr(getattr(layer, "self_attention", None), "core_attention", None)
             quantizer = getattr(core, "k_bmm_quantizer", None)
             if quantizer is None or not quantizer.is_enabled:

@@ -65,6 +65,13 @@ def strip_wrappers(name: str) -> str:
     return name
 
 
+def unwrap(chunk):
+    """The HybridModel inside a model chunk (bf16/fp16 models come wrapped in megatron's Float16Module)."""
+    from megatron.core.utils import unwrap_model
+
+    return unwrap_model(chunk)
+
+
 def kind_of(module_name: str) -> str | None:
     name = strip_wrappers(module_name)
     for kind, rx in _COMPILED:

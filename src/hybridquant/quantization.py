@@ -87,7 +87,7 @@ def _offsets(chunk) -> tuple[int, int]:
 
 def global_layers(chunk) -> list[int]:
     """Global indices of the decoder layers a model chunk holds, in order."""
-    return [layer.layer_number - 1 for layer in chunk.decoder.layers]
+    return [layer.layer_number - 1 for layer in modules.unwrap(chunk).decoder.layers]
 
 
 _MASK64 = (1 << 64) - 1
