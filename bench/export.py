@@ -89,7 +89,7 @@ def layouts(args) -> None:
 def _equal(a, b) -> bool:
     import torch
 
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 def _rel(a, b) -> float:
@@ -110,11 +110,11 @@ def memory(args) -> None:
         print(f"{'world':>5} {'layout':>8} {'rank':>4} {'shard MiB':>10} {'RSS loaded':>11} {'peak export':>12} "
               f"{'increment':>10} {'incr/model':>11} {'incr/layer':>11}")
         for world, layout in ((1, []), (2, ["parallel.ep=2"]), (2, ["parallel.tp=2"])):
-            out = stage("export", world, [f"checkpoint={run_dir}", f"output_dir={tmp / f'e{world}{layout}'}", *layout])
+            tag = layout[0].split(".")[1].replace("=", "") if layout else "1x1x1"
+            out = stage("export", world, [f"checkpoint={run_dir}", f"output_dir={tmp / f'export-{tag}'}", *layout])
             line = next(line for line in out.splitlines() if line.startswith("memory per rank"))
             for rank, shard, loaded, peak in _RANK.findall(line):
                 incr = (float(peak) - float(loaded)) * 2**20
-                tag = layout[0].split(".")[1] if layout else "1x1x1"
                 print(f"{world:>5} {tag:>8} {rank:>4} {float(shard):>10.0f} {loaded:>11} {peak:>12} "
                       f"{incr / 2**20:>10.0f} {incr / model_bytes:>11.3f} {incr / layer_bytes:>11.2f}")
 

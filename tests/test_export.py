@@ -122,10 +122,11 @@ def _shard_digests(directory):
     return {name: entry["sha256"] for name, entry in manifest["files"].items() if name.endswith(".safetensors")}
 
 
-@pytest.mark.parametrize("layout", [("parallel.tp=2",), ("parallel.ep=2",), ("parallel.pp=2",)],
-                         ids=lambda layout: layout[0].split(".")[1])
+@pytest.mark.parametrize("layout", [("parallel.tp=2", "parallel.ep=2"), ("parallel.pp=2",)],
+                         ids=lambda layout: "".join(x.split(".")[1].replace("=", "") for x in layout))
 def test_export_at_any_layout_writes_the_same_bytes(layout, exported, tmp_path):
-    """The same calibration exported by 2 ranks (weights gathered over TP, EP or PP) and by one."""
+    """The same calibration exported by 2 ranks and by one: at TP2×EP2 every dense weight is gathered
+    over TP and every expert over EP; at PP2 every layer comes from one of two stages."""
     run_dir, single, _ = exported("fp8")
     proc = export(run_dir, tmp_path / "out", 2, *layout)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
+from safetensors import SafetensorError
 
 from hybridquant import checkpoint, export, memory, parallel, source
 from hybridquant.errors import UserError
@@ -81,9 +82,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             timings["total_s"] = time.perf_counter() - t0
             _print_summary(out, manifest, layout, rss, timings)
         parallel.barrier()
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # a full disk, or a peer rank removed the failed export
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"writing the export to {out} failed: {exc.strerror or exc}") from exc
+        raise UserError(f"writing the export to {out} failed: {getattr(exc, 'strerror', None) or exc}") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
