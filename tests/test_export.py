@@ -17,7 +17,7 @@ pytestmark = pytest.mark.distributed
 
 FP8 = ("mamba_moe_fp8_conservative", "calib.num_samples=8", "quant.kv_cache=none")
 NVFP4 = ("mamba_moe_nvfp4_aggressive", "calib.num_samples=8", "quant.kv_cache=fp8")
-SELECTIVE = ("cascade2_fp8_selective", "calib.num_samples=4")
+SELECTIVE = ("cascade2_fp8_selective", "calib.num_samples=4", "calib.max_seq_len=64")
 # MSE-calibrated (static) NVFP4 experts + FP8 elsewhere, calibrated with the experts split over 2 ranks.
 STATIC_ETP2 = ("super_nvfp4_mixed", "calib.num_samples=2", "calib.max_seq_len=64", "parallel.etp=2")
 RECIPES = {"fp8": (FP8, 1, "FP8"), "nvfp4": (NVFP4, 1, "NVFP4"), "selective": (SELECTIVE, 1, "FP8"),
