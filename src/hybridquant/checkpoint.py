@@ -61,12 +61,19 @@ def resolve(path: str | Path) -> Path:
     return path
 
 
-def layout_for(parallel_cfg, meta: dict[str, Any], world_size: int) -> "parallel.Layout":
-    """The layout to load a checkpoint with: each size given in ``parallel_cfg``, else the one it was
-    saved with (the calibration layout)."""
+def open_at_layout(path: str | Path, parallel_cfg, world_size: int) -> tuple[Path, dict[str, Any], "parallel.Layout"]:
+    """A saved checkpoint (its directory or the run directory holding it), its metadata, and the layout
+    to load it with: each size given in ``parallel_cfg``, else the one it was saved with (the
+    calibration layout), checked against its model before any process group exists."""
+    from hybridquant import source
+
+    directory = resolve(path)
+    meta = read_metadata(directory)
     saved = meta.get("layout", {})
     sizes = {name: getattr(parallel_cfg, name, None) or saved.get(name, 1) for name in ("tp", "pp", "ep", "etp")}
-    return parallel.Layout(**sizes, world_size=world_size)
+    layout = parallel.Layout(**sizes, world_size=world_size)
+    parallel.validate(layout, source.read_config(hf_dir(directory)))
+    return directory, meta, layout
 
 
 def read_metadata(directory: Path) -> dict[str, Any]:

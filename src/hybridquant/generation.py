@@ -76,7 +76,7 @@ def format_prompt(tokenizer, text: str, mode: str) -> list[int]:
                         "(use generation.mode=raw)")
     ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                         enable_thinking=(mode == "thinking"), tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding or a plain list
 
 
 def stop_ids(tokenizer, generation_config: dict) -> tuple[int, ...]:

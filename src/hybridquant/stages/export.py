@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig
 from safetensors import SafetensorError
 
-from hybridquant import checkpoint, export, memory, parallel, source
+from hybridquant import checkpoint, export, memory, parallel
 from hybridquant.errors import UserError
 
 log = logging.getLogger("hybridquant.export")
@@ -58,12 +58,8 @@ def partial_dir(out: Path) -> Path:
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     t0 = time.perf_counter()
-    ckpt = checkpoint.resolve(cfg.checkpoint)
-    meta = checkpoint.read_metadata(ckpt)
+    ckpt, meta, layout = checkpoint.open_at_layout(cfg.checkpoint, cfg.parallel, parallel.world_size_from_env())
     hf_dir = checkpoint.hf_dir(ckpt)
-    hf_cfg = source.read_config(hf_dir)
-    layout = checkpoint.layout_for(cfg.parallel, meta, parallel.world_size_from_env())
-    parallel.validate(layout, hf_cfg)
     out = Path(cfg.output_dir).resolve()
     check_output(out, cfg.export.overwrite)
     max_shard_bytes = parse_size(cfg.export.max_shard_size)

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from hybridquant import checkpoint, generation, parallel, source
+from hybridquant import checkpoint, generation, parallel
 from hybridquant.errors import UserError
 from hybridquant.ssm_state import StatePrecision
 
@@ -45,11 +45,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
-    ckpt = checkpoint.resolve(cfg.checkpoint)
-    meta = checkpoint.read_metadata(ckpt)
+    ckpt, meta, layout = checkpoint.open_at_layout(cfg.checkpoint, cfg.parallel, parallel.world_size_from_env())
     hf_dir = checkpoint.hf_dir(ckpt)
-    layout = checkpoint.layout_for(cfg.parallel, meta, parallel.world_size_from_env())
-    parallel.validate(layout, source.read_config(hf_dir))
     gen = cfg.generation
     sampling = generation.Sampling(do_sample=gen.do_sample, temperature=gen.temperature, top_k=gen.top_k,
                                    top_p=gen.top_p, seed=gen.seed)
