@@ -18,6 +18,7 @@ class ModelConf:
     dtype: str = "bfloat16"           # float32 | bfloat16 | float16
     spec: str = "auto"                # auto | te | local (TE-free)
     arch: Dict[str, Any] = field(default_factory=dict)  # HF config.json architecture fields
+    train: Optional[Dict[str, Any]] = None  # with path null: train the materialised model (hybridquant.train)
 
 
 @dataclass
@@ -139,9 +140,38 @@ class GenerateConf:
     seed: int = 1234
 
 
+@dataclass
+class EvaluationOptions:
+    path: str = "package:heldout.jsonl"  # held-out text (must not be the calibration or training text)
+    num_samples: int = 16             # the first N samples of the file with at least 2 tokens
+    max_seq_len: int = 256            # each sample keeps its natural length up to this
+    modes: List[str] = field(default_factory=lambda: ["fake_quant"])  # per Megatron checkpoint: fake_quant | weight_only
+    plot: bool = True                 # write evaluation.png
+
+
+@dataclass
+class EvaluateConf:
+    model: Optional[ModelConf] = None  # the reference; null: the HF checkpoint the quantize runs came from
+    checkpoints: List[str] = field(default_factory=list)  # quantize run dirs / checkpoints, export dirs
+    parallel: ParallelConf = MISSING
+    cluster: ClusterConf = MISSING
+    evaluation: EvaluationOptions = field(default_factory=EvaluationOptions)
+    seed: int = 1234
+    output_root: str = "runs"
+    name: str = MISSING
+    run_name: str = MISSING
+
+
+@dataclass
+class TrainConf:
+    model: ModelConf = MISSING
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="quantize_schema", node=QuantizeConf)
     cs.store(name="recipe_table_schema", node=RecipeTableConf)
     cs.store(name="export_schema", node=ExportConf)
     cs.store(name="generate_schema", node=GenerateConf)
+    cs.store(name="train_schema", node=TrainConf)
+    cs.store(name="evaluate_schema", node=EvaluateConf)

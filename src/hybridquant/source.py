@@ -1,6 +1,7 @@
 """Where the BF16 Hugging Face checkpoint comes from, and a check that it is the model named.
 
-``model.path: null`` materialises the embedded tiny model; a local directory is used as is; any
+``model.path: null`` materialises the embedded tiny model (and trains it when ``model.train`` is set:
+``model=tiny_trained``); a local directory is used as is; any
 other string is a Hub id, resolved through the local Hugging Face cache (clusters pre-download;
 nothing here downloads).
 """
@@ -26,6 +27,10 @@ def resolve(model_cfg: Mapping[str, Any]) -> Path:
     """Local directory of the HF checkpoint for ``model_cfg``. Safe to call from every rank at once:
     materialisation takes a file lock and the first caller writes the cache entry."""
     path = model_cfg.get("path")
+    if path is None and model_cfg.get("train"):
+        from hybridquant import train
+
+        return train.materialize(model_cfg)
     if path is None:
         return tiny.materialize(model_cfg["arch"], int(model_cfg["seed"]))
     local = Path(path)
