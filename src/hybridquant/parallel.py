@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
-from hybridquant import modules
+from hybridquant import cluster, modules
 from hybridquant.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ def free_port() -> int:
 
 
 def world_size_from_env() -> int:
+    cluster.torch_env_from_slurm()  # one SLURM task per rank: rendezvous from the job's environment
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -103,6 +104,7 @@ def init(layout: Layout, seed: int, backend: str = "auto", timeout_s: int = 600)
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    cluster.torch_env_from_slurm()
     if "RANK" not in os.environ:  # a plain `python pipeline/x.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))

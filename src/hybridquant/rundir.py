@@ -4,6 +4,7 @@ before writing anything must not leave an empty directory behind that looks like
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 
@@ -21,8 +22,11 @@ def remove_if_empty(run_dir: Path, stop: Path) -> None:
 
 @contextlib.contextmanager
 def removed_if_empty_on_failure(run_dir: Path, stop: Path):
+    """On failure, the main rank removes the run directory if nothing was written to it. Only the main
+    rank: another rank failing first must not remove the directory the main rank is about to write."""
     try:
         yield
     except BaseException:
-        remove_if_empty(run_dir, stop)
+        if os.environ.get("RANK", "0") == "0":
+            remove_if_empty(run_dir, stop)
         raise

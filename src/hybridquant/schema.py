@@ -56,9 +56,26 @@ class ParallelConf:
 
 @dataclass
 class ClusterConf:
-    name: str = "local"
+    name: str = "local"               # local (torchrun here) | slurm (launch/submit.py, --multirun arrays)
     backend: str = "auto"             # auto | gloo | nccl
     timeout_s: int = 600              # collective timeout
+    # SLURM (cluster=slurm); ignored by local runs.
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    nodes: int = 1
+    gpus_per_node: Optional[int] = None  # null: no GPU request (CPU clusters)
+    tasks_per_node: int = 1           # ranks per node (one task per GPU); with mode=torchrun: processes per node
+    mode: str = "tasks"               # tasks: one SLURM task per rank | torchrun: one torchrun per node
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[int] = None
+    time_min: int = 240
+    setup: List[str] = field(default_factory=list)  # shell lines before srun (modules, venv activation)
+    container_image: Optional[str] = None  # pyxis/enroot image: srun --container-image
+    container_mounts: Optional[str] = None
+    array_parallelism: int = 64       # --multirun sweeps: array tasks running at once
+    log_dir: str = "runs/slurm"       # submitit folders (job scripts, stdout/stderr, pickles)
+    additional_parameters: Dict[str, Any] = field(default_factory=dict)  # more sbatch options
 
 
 @dataclass
@@ -168,6 +185,11 @@ class TrainConf:
 
 
 def register() -> None:
+    from omegaconf import OmegaConf
+
+    from hybridquant import cluster
+
+    OmegaConf.register_new_resolver("launch_suffix", cluster.launch_suffix, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="quantize_schema", node=QuantizeConf)
     cs.store(name="recipe_table_schema", node=RecipeTableConf)
