@@ -35,8 +35,10 @@ def rows(record: dict[str, Any]) -> list[list[str]]:
 
 
 def layer_rows(record: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Layer × checkpoint grid of relative L2 errors."""
-    header = ["layer"] + [f"{r['label']} [{MODES.get(r['mode'], r['mode'])}]" for r in record["results"]]
+    """Layer × checkpoint grid of relative L2 errors (the numerics named only where results differ in them)."""
+    named = len({r["mode"] for r in record["results"]}) > 1
+    header = ["layer"] + [f"{r['label']} [{MODES.get(r['mode'], r['mode'])}]" if named else r["label"]
+                          for r in record["results"]]
     errors = [{x["layer"]: x for x in r["layers"]} for r in record["results"]]
     layers = sorted({i for e in errors for i in e})
     symbols = record["pattern"]
