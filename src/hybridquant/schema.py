@@ -184,6 +184,30 @@ class TrainConf:
     model: ModelConf = MISSING
 
 
+@dataclass
+class ReleaseSpec:
+    """One release (conf/experiment/<name>.yaml): what to quantize, how, and how to check it."""
+    name: str = MISSING                # the release directory name (and the exported model's name)
+    description: str = ""
+    model: str = MISSING               # a conf/model choice
+    quant: str = MISSING               # a conf/quant choice
+    calib: Dict[str, Any] = field(default_factory=dict)       # calib.* overrides (num_samples, max_seq_len, ...)
+    quantize_parallel: ParallelConf = field(default_factory=ParallelConf)
+    export_parallel: LoadLayoutConf = field(default_factory=LoadLayoutConf)  # null: as calibrated
+    evaluate_parallel: ParallelConf = field(default_factory=ParallelConf)
+    evaluation: Dict[str, Any] = field(default_factory=dict)  # evaluation.* overrides of the evaluate stage
+    overrides: Dict[str, List[str]] = field(default_factory=dict)  # more Hydra overrides per stage
+
+
+@dataclass
+class ReleaseConf:
+    release: Optional[ReleaseSpec] = None   # set by experiment=<name>
+    cluster: ClusterConf = MISSING
+    output_root: str = "runs"
+    seed: int = 1234
+    force: List[str] = field(default_factory=list)  # stages to re-run even when up to date
+
+
 def register() -> None:
     from omegaconf import OmegaConf
 
@@ -192,6 +216,7 @@ def register() -> None:
     OmegaConf.register_new_resolver("launch_suffix", cluster.launch_suffix, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="quantize_schema", node=QuantizeConf)
+    cs.store(name="release_schema", node=ReleaseConf)
     cs.store(name="recipe_table_schema", node=RecipeTableConf)
     cs.store(name="export_schema", node=ExportConf)
     cs.store(name="generate_schema", node=GenerateConf)

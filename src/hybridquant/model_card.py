@@ -1,0 +1,156 @@
+"""The model card (README.md of the exported checkpoint), generated from what the release produced:
+
+    python -m hybridquant.model_card <release dir>
+
+model and source, the recipe as the recipe table prints it (module kind x format), the calibration
+data, the evaluation table, and how to serve the checkpoint with vLLM and SGLang.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from hybridquant import evaluation_report, modules
+from hybridquant.errors import UserError
+
+CARD = "README.md"
+# SGLang's name for ModelOpt checkpoints, by the export's quant_algo.
+SGLANG_QUANTIZATION = {"FP8": "modelopt_fp8", "NVFP4": "modelopt_fp4", "MIXED_PRECISION": "modelopt_fp4"}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model card: cannot read {path} ({exc})") from exc
+
+
+def recipe_markdown(quant: dict, model: dict) -> str:
+    """The recipe table for this model (ModelOpt's own decisions, read back on the meta device)."""
+    from hybridquant import parallel, recipe_table
+
+    parallel.init(parallel.Layout(), seed=0, backend="gloo")
+    try:
+        return recipe_table.markdown(recipe_table.build(quant, model), per_layer=False)
+    finally:
+        parallel.shutdown()
+
+
+def calibration_markdown(calib: dict, cfg: dict) -> str:
+    lines = [f"- source: `{calib['source']}` (sha256 `{calib['sha256'][:16]}…`)",
+             f"- {calib['samples']} samples, {calib['tokens']} tokens, at most {cfg['calib']['max_seq_len']} tokens "
+             f"each, sampling seed {cfg['calib']['seed']}" + (", every token routed to every expert for statistics"
+                                                               if calib.get("all_experts") else "")]
+    if calib.get("domains"):
+        mix = ", ".join(f"{k} {v}" for k, v in sorted(calib["domains"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"- domains (samples): {mix}")
+    return "\n".join(lines)
+
+
+def usage_markdown(name: str, quant_algo: str) -> str:
+    sglang = SGLANG_QUANTIZATION.get(quant_algo, "modelopt")
+    return f"""```bash
+# vLLM (reads hf_quant_config.json / quantization_config: quant_method modelopt)
+vllm serve {name} --trust-remote-code --mamba_ssm_cache_dtype float32
+# SGLang
+python -m sglang.launch_server --model-path {name} --quantization {sglang} --trust-remote-code
+```
+
+Keep the Mamba SSM state cache in float32 (`--mamba_ssm_cache_dtype float32`): the recipe quantizes
+GEMMs, not the recurrent state."""
+
+
+def render(release_dir: Path) -> str:
+    release_dir = Path(release_dir)
+    qcfg = OmegaConf.to_container(OmegaConf.load(release_dir / "quantize" / "config.yaml"), resolve=True)
+    report = _read_json(release_dir / "quantize" / "report.json")
+    evaluation = _read_json(release_dir / "evaluate" / "evaluation.json")
+    hf_quant = _read_json(release_dir / "export" / "hf_quant_config.json")["quantization"]
+    hf_config = _read_json(release_dir / "export" / "config.json")
+    model, quant = qcfg["model"], qcfg["quant"]
+    name = release_dir.name
+    pattern = hf_config.get("hybrid_override_pattern", "")
+    kinds = modules.decoder_symbols(pattern) if pattern else ""
+    counts = ", ".join(f"{kinds.count(s)} {label}" for s, label in (("M", "Mamba-2"), ("E", "MoE"), ("*", "attention"),
+                                                                   ("-", "MLP")) if kinds.count(s))
+    layout = report["layout"]
+    return f"""---
+library_name: transformers
+base_model: {model.get('path') or model['name']}
+tags: [nemotron-h, mamba, moe, modelopt, {quant_algo_tag(hf_quant['quant_algo'])}]
+---
+
+# {name}
+
+{model['name']} quantized with NVIDIA ModelOpt post-training quantization, recipe `{quant['name']}`
+({hf_quant['quant_algo']}{', FP8 KV cache' if hf_quant.get('kv_cache_quant_algo') else ''}).
+{quant.get('description', '').strip()}
+
+## Model
+
+- source checkpoint: `{model.get('path') or model['name'] + ' (embedded, built from conf/model)'}`
+- architecture: Nemotron-H hybrid, {len(kinds)} layers ({counts}), hidden size {hf_config.get('hidden_size')},
+  {hf_config.get('n_routed_experts', '-')} routed experts (top-{hf_config.get('num_experts_per_tok', '-')})
+- format: Hugging Face safetensors in ModelOpt format (`hf_quant_config.json`, `config.json: quantization_config`)
+- calibrated at TP{layout['tp']} PP{layout['pp']} EP{layout['ep']} ETP{layout['etp']} ({layout['world_size']} rank{'s' if layout['world_size'] > 1 else ''})
+
+## Recipe
+
+{recipe_markdown(quant, model)}
+
+Excluded from quantization (BF16/FP32): {', '.join(f'`{m}`' for m in hf_quant.get('exclude_modules', [])[:12]) or 'none'}{' …' if len(hf_quant.get('exclude_modules', [])) > 12 else ''}
+
+## Calibration data
+
+{calibration_markdown(report['calibration'], qcfg)}
+
+## Evaluation
+
+{evaluation_report.markdown(evaluation)}
+
+## Usage
+
+{usage_markdown(name, hf_quant['quant_algo'])}
+
+## Reproduce
+
+The release directory this checkpoint was exported into (`runs/release/{name}/`) holds `release.json`:
+the resolved configuration, package versions, git commit, seeds, calibration data sha256 and the
+sha256 of every file of the release (this one included). `python pipeline/verify.py runs/release/{name}`
+re-hashes a copy against it; `python pipeline/release.py experiment=<experiment>` rebuilds it.
+"""
+
+
+def quant_algo_tag(algo: str) -> str:
+    return algo.lower().replace("_", "-")
+
+
+def write(release_dir: Path) -> Path:
+    text = render(release_dir)
+    path = Path(release_dir) / "export" / CARD
+    tmp = path.with_name(f".{CARD}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m hybridquant.model_card <release dir>", file=sys.stderr)
+        return 2
+    try:
+        path = write(Path(argv[0]))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"model card: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
