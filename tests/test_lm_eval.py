@@ -40,9 +40,6 @@ def _evaluate(export_dir, output=None, *extra):
 
 
 def test_exported_checkpoint_evaluates_deterministically(quantized, tmp_path):
-    import hf_reader
-    from hybridquant import lm_eval_adapter
-
     export_dir = tmp_path / "export"
     proc = run_stage("export", [f"checkpoint={quantized(*FP8)}", f"output_dir={export_dir}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -50,12 +47,6 @@ def test_exported_checkpoint_evaluates_deterministically(quantized, tmp_path):
     # The same run twice, as separate processes (concurrently), plus bad input.
     runs = [_evaluate(export_dir, tmp_path / f"results{i}.json") for i in range(2)]
     bad = _evaluate(tmp_path / "missing")
-
-    # Meanwhile: the adapter's dequantization is the independent reader's.
-    ours = lm_eval_adapter.dequantized_weights(export_dir)
-    theirs, formats = hf_reader.dequantize(hf_reader.read_tensors(export_dir))
-    assert set(ours) == set(theirs) and "fp8" in formats.values()
-    assert all(ours[k].equal(theirs[k]) for k in ours)
 
     results = []
     for i, p in enumerate(runs):

@@ -2,14 +2,15 @@
 
 Two backends evaluate the directory ``pipeline/export.py`` writes (ModelOpt's Hugging Face format):
 
-* ``hf`` (CPU, or any machine without vLLM): the checkpoint is read with safetensors, every quantized
-  weight is dequantized (FP8: ``weight · weight_scale``; NVFP4: E2M1 codes · per-16 block scale ·
-  ``weight_scale_2``) and loaded into transformers' ``NemotronHForCausalLM``, which lm_eval's own
+* ``hf`` (CPU, or any machine without vLLM): the checkpoint is read by ``hybridquant.exported``
+  (safetensors; FP8: ``weight · weight_scale``; NVFP4: E2M1 codes · per-16 block scale ·
+  ``weight_scale_2``), loaded into transformers' ``NemotronHForCausalLM``, which lm_eval's own
   ``HFLM`` then drives (loglikelihood, loglikelihood_rolling, generate_until). This measures the
   exported *weights*; activations and the KV cache stay in float32 (their quantization happens in
   the serving engine).
 * ``vllm`` (GPU clusters): lm_eval's vLLM backend loads the export as vLLM serves it
-  (``quantization="modelopt"``: FP8/NVFP4 GEMMs, FP8 KV cache where exported), i.e. the deployment.
+  (``quantization="modelopt"``, ``"modelopt_fp4"`` for NVFP4: FP8/NVFP4 GEMMs, FP8 KV cache where
+  exported, Mamba SSM cache in float32), i.e. the deployment.
 
 The model is registered with lm_eval as ``hybridquant-export`` (``pretrained=<export dir>``).
 
@@ -36,10 +37,6 @@ TASK_DIR = REPO / "conf" / "lm_eval"
 TASK_DATA = Path(__file__).resolve().parent / "data" / "lm_eval" / "continuation.jsonl"
 MODEL_NAME = "hybridquant-export"
 
-# E2M1 code -> value: sign bit 3, exponent bits 2-1, mantissa bit 0 (the published NVFP4 layout).
-_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
-_SCALES = (".weight_scale", ".weight_scale_2", ".input_scale", ".k_scale", ".v_scale")
-
 
 # --- reading an export --------------------------------------------------------------------------
 
@@ -54,62 +51,21 @@ def check_export(directory: Path) -> Path:
     return directory
 
 
-def dequantized_weights(directory: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Every weight of an export in ``dtype``, quantized ones dequantized; scales dropped.
-
-    The same published-format rules as the test suite's independent reader (tests/hf_reader.py), kept
-    here because the adapter is shipped code and must not import from tests/.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    index = json.loads((directory / "model.safetensors.index.json").read_text())
-    tensors: dict[str, torch.Tensor] = {}
-    try:
-        for file in sorted(set(index["weight_map"].values())):
-            with safe_open(str(directory / file), framework="pt") as f:
-                tensors.update({name: f.get_tensor(name) for name in f.keys()})
-    except (OSError, SafetensorError) as exc:
-        raise UserError(f"{directory}: cannot read the weights ({exc})") from exc
-    missing = set(index["weight_map"]) - set(tensors)
-    if missing:
-        raise UserError(f"{directory}: {len(missing)} tensors of the index are missing, e.g. {sorted(missing)[0]}")
-    weights = {}
-    for name, t in tensors.items():
-        if name.endswith(_SCALES):
-            continue
-        base = name.removesuffix(".weight")
-        if t.dtype == torch.float8_e4m3fn:
-            value = t.float() * tensors[f"{base}.weight_scale"].float()
-        elif t.dtype == torch.uint8:
-            block = tensors[f"{base}.weight_scale"].float()
-            low, high = t & 0x0F, t >> 4
-            codes = torch.stack([low, high], dim=-1).reshape(*t.shape[:-1], t.shape[-1] * 2)
-            values = _E2M1[codes.long()]
-            group = values.shape[-1] // block.shape[-1]
-            value = values * block.repeat_interleave(group, dim=-1) * tensors[f"{base}.weight_scale_2"].float()
-        else:
-            value = t
-        weights[name] = value.to(dtype)
-    return weights
-
-
 def load_model(directory: Path, max_length: int = 2048, dtype: torch.dtype = torch.float32):
-    """(transformers NemotronHForCausalLM with the export's dequantized weights, its tokenizer)."""
-    from safetensors.torch import save_file
+    """(transformers NemotronHForCausalLM with the export's dequantized weights, its tokenizer), through
+    the package's independent reader of exports (``hybridquant.exported``: safetensors and the
+    published format, transformers' own name mapping, strict loading)."""
+    from safetensors import SafetensorError
     from transformers import AutoTokenizer
 
-    from hybridquant import hf_reference
+    from hybridquant import exported
 
     directory = check_export(Path(directory))
-    weights = dequantized_weights(directory, dtype)
     with tempfile.TemporaryDirectory(prefix="hybridquant-lm-eval-") as tmp:
-        config = json.loads((directory / "config.json").read_text())
-        config.pop("quantization_config", None)  # the weights here are dequantized
-        (Path(tmp) / "config.json").write_text(json.dumps(config))
-        save_file(weights, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
-        del weights
-        # transformers' own name mapping and strict loading: a weight missing or unused is an error.
-        model = hf_reference.load(tmp, max_seq_len=max_length, dtype=dtype, strict=True)
+        try:
+            model, _ = exported.build_model(directory, Path(tmp), max_seq_len=max_length, dtype=dtype)
+        except (OSError, SafetensorError, KeyError, AssertionError) as exc:
+            raise UserError(f"{directory}: cannot read the export ({type(exc).__name__}: {exc})") from exc
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     return model, tokenizer
 
@@ -227,10 +183,13 @@ def evaluate(export_dir: Path, tasks: list[str], *, backend: str = "hf", batch_s
         model = model_class()(pretrained=str(export_dir), max_length=max_length, batch_size=batch_size,
                               device=device, **(model_args or {}))
     elif backend == "vllm":
-        from lm_eval.models.vllm_causallms import VLLM  # needs vllm (GPU machines)
+        try:
+            from lm_eval.models.vllm_causallms import VLLM
+        except ImportError as exc:
+            raise UserError(f"--backend vllm needs vllm installed (GPU machines): {exc}") from exc
 
-        args = {"pretrained": str(export_dir), "quantization": "modelopt", "max_model_len": max_length,
-                "mamba_ssm_cache_dtype": "float32", **(model_args or {})}
+        args = {"pretrained": str(export_dir), "quantization": vllm_quantization(export_dir),
+                "max_model_len": max_length, "mamba_ssm_cache_dtype": "float32", **(model_args or {})}
         model = VLLM(batch_size=batch_size, **args)
     else:
         raise UserError(f"backend must be hf or vllm, got {backend!r}")
@@ -243,6 +202,15 @@ def evaluate(export_dir: Path, tasks: list[str], *, backend: str = "hf", batch_s
     results["hybridquant"] = {"export": str(export_dir), "backend": backend,
                               "manifest": _manifest_summary(export_dir)}
     return results
+
+
+# vLLM's name for each ModelOpt format; None lets vLLM read it from config.json's quantization_config.
+_VLLM_QUANTIZATION = {"FP8": "modelopt", "NVFP4": "modelopt_fp4"}
+
+
+def vllm_quantization(export_dir: Path) -> str | None:
+    algo = json.loads((Path(export_dir) / "hf_quant_config.json").read_text())["quantization"].get("quant_algo")
+    return _VLLM_QUANTIZATION.get(algo)
 
 
 def _shipped() -> dict[str, dict]:
