@@ -1,5 +1,5 @@
 # Every target sets up .venv first (launch/setup.sh; a no-op when it is current).
-.PHONY: setup quantize export test test-fast clean
+.PHONY: setup quantize export release test test-fast clean
 
 NPROC ?= 1
 RECIPE ?= mamba_moe_fp8_conservative
@@ -17,9 +17,15 @@ export: setup
 	.venv/bin/torchrun --nproc_per_node=$(NPROC) pipeline/export.py \
 		checkpoint=runs/quantize/tiny-$(RECIPE)-tp1pp1ep1etp1 output_dir=runs/export/tiny-$(RECIPE) export.overwrite=true $(ARGS)
 
-## The test suite (what CI runs).
+## A release (quantize -> export -> evaluate -> model card + release.json): conf/experiment/$(EXPERIMENT).yaml
+EXPERIMENT ?= tiny_fp8
+release: setup
+	.venv/bin/python pipeline/release.py experiment=$(EXPERIMENT) $(ARGS)
+
+## The test suite (what CI runs): one worker per core, each test file on one worker.
+WORKERS ?= 2
 test: setup
-	.venv/bin/python -m pytest tests
+	.venv/bin/python -m pytest tests -n $(WORKERS) --dist loadfile
 
 test-fast: setup
 	.venv/bin/python -m pytest tests -m "not distributed and not slow"

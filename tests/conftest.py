@@ -58,20 +58,32 @@ def calib_batches(tiny_checkpoint):
 @pytest.fixture(scope="session")
 def quantized(tmp_path_factory):
     """``quantized(recipe, *overrides, nproc=1)``: the run directory of a real quantize run (torchrun),
-    made once per session for each distinct call and shared by the tests that read it."""
+    made once per test session for each distinct call and shared by the tests that read it, also across
+    pytest-xdist workers (the first to ask runs it under a file lock; the others wait and reuse it)."""
+    import fcntl
+    import hashlib
+    import json
+
     from launch import run_stage
 
-    runs: dict = {}
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+    def key_of(recipe, overrides, nproc) -> str:
+        return hashlib.sha256(json.dumps([recipe, list(overrides), nproc]).encode()).hexdigest()[:12]
 
     def get(recipe: str, *overrides: str, nproc: int = 1):
-        key = (recipe, overrides, nproc)
-        if key not in runs:
-            root = tmp_path_factory.mktemp("quantize")
-            proc = run_stage("quantize", [f"+quant={recipe}", f"output_root={root}", *overrides], nproc=nproc)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            (run_dir,) = (root / "quantize").iterdir()
-            runs[key] = (run_dir, proc)
-        return runs[key][0]
+        root = shared / f"quantize-{key_of(recipe, overrides, nproc)}"
+        with open(f"{root}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (root / "stdout.txt").exists():
+                root.mkdir(exist_ok=True)
+                proc = run_stage("quantize", [f"+quant={recipe}", f"output_root={root}", *overrides], nproc=nproc)
+                assert proc.returncode == 0, proc.stderr[-3000:]
+                (root / "stdout.txt").write_text(proc.stdout)  # last: marks the run complete
+        (run_dir,) = (root / "quantize").iterdir()
+        return run_dir
 
-    get.stdout = lambda recipe, *overrides, nproc=1: runs[(recipe, overrides, nproc)][1].stdout
+    get.stdout = lambda recipe, *overrides, nproc=1: (
+        shared / f"quantize-{key_of(recipe, overrides, nproc)}" / "stdout.txt").read_text()
     return get
