@@ -14,13 +14,13 @@ from omegaconf import OmegaConf
 
 from hybridquant import schema
 from hybridquant.errors import UserError
-from launch import error_lines, run_stage
+from launch import error_lines, run_python, run_stage
 
 pytestmark = pytest.mark.distributed
 schema.register()
 
 TRAINED = "model=tiny_trained"
-CALIB = ("calib.num_samples=8", "calib.max_seq_len=128")
+CALIB = ("calib.num_samples=4", "calib.max_seq_len=64")
 FP8 = ("mamba_moe_fp8_conservative", TRAINED, *CALIB)
 EVAL = ("evaluation.num_samples=4", "evaluation.max_seq_len=64")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -164,7 +164,8 @@ def test_bad_input_is_refused_before_anything_is_loaded(repo, quantized, tmp_pat
 
 
 def test_bad_input_is_one_line_error_and_no_evaluation(quantized, tmp_path):
-    proc = run_stage("evaluate", [f"checkpoints=[{quantized(*FP8)},{tmp_path / 'nowhere'}]", f"output_root={tmp_path}"])
+    proc = run_python("pipeline/evaluate.py", [f"checkpoints=[{quantized(*FP8)},{tmp_path / 'nowhere'}]",
+                                                f"output_root={tmp_path}"])
     errors = error_lines(proc)
     assert proc.returncode != 0 and len(errors) == 1 and "does not exist" in errors[0], proc.stderr[-2000:]
     assert not list(tmp_path.rglob("evaluation.json")) and not (tmp_path / "evaluate").exists()

@@ -54,3 +54,18 @@ def test_trained_preset_predicts_far_better_than_the_random_model(repo):
           f"training {record['train_s']} s")
     assert record["heldout_loss_trained"] < 0.5 * record["heldout_loss_random"]
     assert record["train_loss_last"] < record["train_loss_first"] - 3
+
+
+def test_train_and_evaluate_configs_compose(repo):
+    from hydra import compose, initialize_config_dir
+
+    from hybridquant import schema
+
+    schema.register()
+    with initialize_config_dir(config_dir=str(repo / "conf"), version_base="1.3"):
+        cfg = compose("train")
+        assert cfg.model.name == "tiny_trained" and cfg.model.train.steps > 0 and cfg.model.path is None
+        assert cfg.model.arch == compose("quantize", overrides=["model=tiny"]).model.arch
+        cfg = compose("evaluate", overrides=["model=tiny_trained", "checkpoints=[a,b]"])
+        assert list(cfg.checkpoints) == ["a", "b"] and cfg.evaluation.path == "package:heldout.jsonl"
+        assert compose("evaluate").model is None
