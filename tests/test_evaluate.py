@@ -158,6 +158,11 @@ def test_bad_input_is_refused_before_anything_is_loaded(repo, quantized, tmp_pat
     config["hidden_size"] = 64
     (other / "hf" / "config.json").write_text(json.dumps(config))
     cases["hidden_size is 64"] = (f"checkpoints=[{other}]", TRAINED)
+    export = tmp_path / "export"  # an export's marker files: its reference cannot be found from it
+    export.mkdir()
+    for name in ("hf_quant_config.json", "model.safetensors.index.json"):
+        (export / name).write_text("{}")
+    cases["exported checkpoints alone"] = (f"checkpoints=[{export}]",)
     for expected, overrides in cases.items():
         with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")):
             stage.plan(_eval_cfg(repo, *overrides), world_size=1)

@@ -231,14 +231,28 @@ def _gather(obj) -> list:
     return out
 
 
-def _everywhere(ref: evaluate.Outputs) -> evaluate.Outputs:
-    """Collective: the reference's logits and every layer's outputs, on every rank (exports run on rank 0)."""
+def _to_main(obj) -> list:
+    """Every rank's ``obj``, in rank order, on rank 0 (others get an empty list). Collective."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size() if parallel.is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out or []
+
+
+def _reference_on_main(ref: evaluate.Outputs) -> evaluate.Outputs | None:
+    """Collective: the reference's logits (last stage) and every layer's outputs (each stage's own), on
+    rank 0, which runs the exports; None elsewhere."""
+    parts = _to_main((ref.logits if ref.logits[0] is not None else None, ref.layers))
+    if not parallel.is_main():
+        return None
     layers: dict[int, list] = {}
-    for part in _gather(ref.layers):
+    for _, part in parts:
         for index, value in part.items():
             layers.setdefault(index, value)
-    return evaluate.Outputs(logits=parallel.from_any_rank(ref.logits if ref.logits[0] is not None else None),
-                            layers=layers)
+    return evaluate.Outputs(logits=next(logits for logits, _ in parts if logits is not None), layers=layers)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -268,7 +282,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     timings["reference_s"] = time.perf_counter() - t
 
     results = []
-    ref_all = _everywhere(ref) if any(e.kind == "export" for e in p.entries) else None
+    ref_all = _reference_on_main(ref) if any(e.kind == "export" for e in p.entries) else None
     for e in p.entries:
         t = time.perf_counter()
         if e.kind == "megatron":
