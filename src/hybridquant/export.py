@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from hybridquant import modules, parallel
+from hybridquant.reporting import sha256  # noqa: F401 - export.sha256 is the manifest's hash
 from hybridquant.errors import UserError
 
 QUANT_CONFIG = "hf_quant_config.json"
@@ -315,14 +315,6 @@ class GroupWriter:
             self.current = group
             self.flush()
         return self.files
-
-
-def sha256(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def stream(bridge, chunks: list, tasks: list, plan_: Plan, writer: GroupWriter) -> None:

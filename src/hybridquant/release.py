@@ -33,6 +33,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from hybridquant.errors import UserError
+from hybridquant.reporting import sha256, write_json_atomic
 
 log = logging.getLogger("hybridquant.release")
 
@@ -93,14 +94,6 @@ def plan(cfg: DictConfig, release_dir: Path) -> list[Stage]:
 # ------------------------------------------------------------------------------------------------
 # Hashing and records.
 
-def sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def files_under(root: Path, paths: list[str]) -> list[Path]:
     out = []
     for rel in paths:
@@ -136,13 +129,6 @@ def intact(release_dir: Path, record: dict) -> bool:
         if not p.is_file() or p.stat().st_size != entry["bytes"]:
             return False
     return bool(record["outputs"])
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,6 +216,7 @@ def execute(stages: list[Stage], release_dir: Path, runner: Runner, versions: di
                 raise UserError(f"stage {stage.name} wrote nothing to {', '.join(stage.outputs)}")
             record = {"stage": stage.name, "fingerprint": fingerprint, "command": stage.command(),
                       "seconds": round(seconds, 2), "outputs": outputs}
+            record_path(release_dir, stage.name).parent.mkdir(exist_ok=True)
             write_json_atomic(record_path(release_dir, stage.name), record)
             print(f"[{stage.name}] done in {seconds:.1f} s ({len(outputs)} files)", flush=True)
             done[stage.name] = {"ran": True, "seconds": round(seconds, 2), "fingerprint": fingerprint}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -27,6 +28,15 @@ def versions() -> dict[str, str | None]:
         except importlib_metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def sha256(path: Path, chunk: int = 1 << 24) -> str:
+    """Hex sha256 of a file, read in chunks (checkpoints are large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
