@@ -1,0 +1,376 @@
+"""Calibration throughput: the quantize stage's path vs transformers + ModelOpt, FLOP/s vs GEMM peak.
+
+    .venv/bin/python bench/calibration_throughput.py                      # bench_medium, FP8 conservative
+    .venv/bin/python bench/calibration_throughput.py --samples 32 --threads 2 --recipe mamba_moe_fp8_aggressive
+
+Same model (conf/model/bench_medium.yaml, ~58M parameters, pattern MEMEM*EMEM*E), same ModelOpt
+config (the recipe's, ``recipes.modelopt_config``), same calibration samples (``calib.load``), same
+machine, one run:
+
+* **hybridquant**: the quantize stage's own ``calibrate`` (stages/quantize.py: HF checkpoint ->
+  megatron-bridge -> Megatron HybridModel -> ``mtq.quantize`` with the stage's forward loop), under
+  torchrun with 1 rank, and again with 2 ranks (EP2: experts split, tokens dispatched all-to-all);
+* **transformers**: ``NemotronHForCausalLM.from_pretrained`` (its config as shipped) + ``mtq.quantize``
+  with a forward loop over the same samples, in one process: the path a user would otherwise take.
+
+Tokens/s = calibration tokens / the time ``mtq.quantize`` takes (the stage's ``calibrate_s``: inserting
+quantizers, the calibration forwards, amax synchronisation). Printed: both rates and their ratio;
+the model's matmul FLOPs per token (Mamba in/out projections, attention projections and causal
+QK^T/PV, router, top-k routed experts + shared expert, lm_head; the SSM scan and conv1d are not
+GEMMs and are not counted), the achieved FLOP/s divided by this machine's float32 dense GEMM peak
+(``torch.matmul`` of 2048x2048 matrices on the same number of threads, measured in this run, before
+and after); and where the calibration time goes, measured per rank: data (read + tokenize + shard,
+timed around ``calib.load``), forward with every quantizer disabled (the same batches again after
+calibration), quantizer statistics (calibrated forwards minus that), setup + amax sync (the rest of
+``mtq.quantize``), communication (every torch.distributed collective, timed by wrapping them;
+includes waiting for the peer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import (BENCH_MODEL, REPO, clean_env, gemm_peak_gflops, load_average, materialize, model_bytes,
+                     torchrun)
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_object",
+               "all_to_all", "all_to_all_single", "broadcast", "broadcast_object_list", "reduce_scatter_tensor",
+               "_reduce_scatter_base", "barrier", "send", "recv", "isend", "irecv", "batch_isend_irecv")
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from hybridquant import schema
+
+    schema.register()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose("quantize", overrides=overrides)
+
+
+def overrides(args) -> list[str]:
+    return [f"+quant={args.recipe}", f"model={args.model}", f"calib.num_samples={args.samples}",
+            f"calib.max_seq_len={args.seq_len}"]
+
+
+# --- FLOPs ---------------------------------------------------------------------------------------
+
+def flops(hf_config: dict, lengths: list[int]) -> dict[str, float]:
+    """Matmul FLOPs (2 per multiply-add) of forwarding sequences of ``lengths``, by component."""
+    c = hf_config
+    h, pattern = c["hidden_size"], c["hybrid_override_pattern"]
+    tokens = sum(lengths)
+    d_inner = c["mamba_num_heads"] * c["mamba_head_dim"]
+    in_proj = 2 * d_inner + 2 * c["n_groups"] * c["ssm_state_size"] + c["mamba_num_heads"]
+    q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+    causal_pairs = sum(n * (n + 1) // 2 for n in lengths)  # query-key pairs under the causal mask
+    experts = c["num_experts_per_tok"] * 2 * h * c["moe_intermediate_size"]  # up + down per routed expert
+    shared = c.get("n_shared_experts", 1) * 2 * h * c["moe_shared_expert_intermediate_size"]
+    out = {"mamba in/out_proj": pattern.count("M") * 2 * tokens * (h * in_proj + d_inner * h),
+           "attention projections": pattern.count("*") * 2 * tokens * (h * (q + 2 * kv) + q * h),
+           "attention QK^T, PV": pattern.count("*") * 2 * 2 * q * causal_pairs,
+           "router": pattern.count("E") * 2 * tokens * h * c["n_routed_experts"],
+           "routed experts (top-k)": pattern.count("E") * 2 * tokens * experts,
+           "shared expert": pattern.count("E") * 2 * tokens * shared,
+           "dense MLP": pattern.count("-") * 2 * tokens * 2 * h * c.get("intermediate_size", 0),
+           "lm_head": 2 * tokens * h * c["vocab_size"]}
+    return {k: float(v) for k, v in out.items() if v}
+
+
+# --- timing helpers (inside workers) -------------------------------------------------------------
+
+class CommTimer:
+    """Wall time spent inside torch.distributed collectives (wrapped at module level)."""
+
+    def __init__(self):
+        self.seconds, self.calls = 0.0, 0
+
+    def install(self) -> None:
+        import megatron.core.tensor_parallel.mappings as mappings
+        import torch.distributed as dist
+
+        for name in COLLECTIVES:
+            real = getattr(dist, name, None)
+            if real is not None:
+                setattr(dist, name, self._wrap(real))
+        # megatron binds these at import time (tensor-parallel and expert-parallel gathers/scatters)
+        for name in ("dist_all_gather_func", "dist_reduce_scatter_func"):
+            real = getattr(mappings, name, None)
+            if real is not None:
+                setattr(mappings, name, self._wrap(real))
+
+    def _wrap(self, fn):
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t
+                self.calls += 1
+        return timed
+
+
+class ForwardTimer:
+    """Durations of a module's forward calls, and the communication inside them."""
+
+    def __init__(self, module, comm: CommTimer):
+        self.spans, self.comm_inside, self._start, self._comm = [], 0.0, 0.0, comm
+        self.handles = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
+
+    def _pre(self, *_):
+        self._start, self._comm0 = time.perf_counter(), self._comm.seconds
+
+    def _post(self, *_):
+        self.spans.append(time.perf_counter() - self._start)
+        self.comm_inside += self._comm.seconds - self._comm0
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
+
+
+def forward_profile(run_forwards) -> dict:
+    """Self CPU time of one pass of ``run_forwards`` by operator: the GEMM share and the largest others."""
+    import torch.profiler
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run_forwards()
+    events = [(e.key, e.self_cpu_time_total / 1e6) for e in prof.key_averages()]
+    total = sum(t for _, t in events)
+    gemm = sum(t for k, t in events if k in GEMM_OPS)
+    others = sorted(((k, t) for k, t in events if k not in GEMM_OPS), key=lambda kt: -kt[1])[:4]
+    return {"total_s": total, "gemm_s": gemm, "top_other": others}
+
+
+def disable_quantizers(model) -> int:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    enabled = [m for m in model.modules() if isinstance(m, TensorQuantizer) and m.is_enabled]
+    for m in enabled:
+        m.disable()
+    return len(enabled)
+
+
+def enabled_weight_quantizers(model) -> int:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return sum(1 for n, m in model.named_modules()
+               if isinstance(m, TensorQuantizer) and n.endswith("weight_quantizer") and m.is_enabled)
+
+
+# --- workers -------------------------------------------------------------------------------------
+
+def megatron_worker(args) -> None:
+    """The quantize stage's calibrate(), instrumented (under torchrun)."""
+    import torch
+    import torch.distributed as dist
+
+    from hybridquant import calib, forward, memory, parallel, quantization
+    from hybridquant.stages import quantize as stage
+
+    cfg = compose(overrides(args) + args.layout)
+    p = stage.plan(cfg)
+    parallel.init(p.layout, seed=cfg.seed, backend="gloo", timeout_s=600)
+    comm = CommTimer()
+    comm.install()
+    seen: dict = {}
+    real_load, real_quantize = calib.load, quantization.quantize
+
+    def timed_load(*a, **kw):
+        t = time.perf_counter()
+        data = real_load(*a, **kw)
+        seen["data_s"] = time.perf_counter() - t
+        return data
+
+    def timed_quantize(chunks, mtq_config, batches, before_batch=None):
+        seen["batches"] = batches
+        fwd = ForwardTimer(chunks[0], comm)
+        comm0, t = comm.seconds, time.perf_counter()
+        real_quantize(chunks, mtq_config, batches, before_batch=before_batch)
+        seen["quantize_s"] = time.perf_counter() - t
+        seen["comm_quantize_s"] = comm.seconds - comm0
+        fwd.remove()
+        seen["calib_forward_s"], seen["comm_calib_forward_s"] = sum(fwd.spans), fwd.comm_inside
+        seen["calib_forwards"] = len(fwd.spans)
+
+    calib.load, quantization.quantize = timed_load, timed_quantize
+    result = stage.calibrate(cfg, p)
+    calib.load, quantization.quantize = real_load, real_quantize
+
+    chunk = result.loaded.chunks[0]
+    weight_quantizers = enabled_weight_quantizers(chunk)
+    disable_quantizers(chunk)
+    fwd = ForwardTimer(chunk, comm)
+    forward.run(result.loaded.chunks, seen["batches"])
+    fwd.remove()
+    profile = forward_profile(lambda: forward.run(result.loaded.chunks, seen["batches"]))
+    row = {"rank": dist.get_rank(), "world": dist.get_world_size(), "layout": p.layout.tag,
+           "tokens_global": result.data.tokens, "tokens_local": sum(b.numel() for b in seen["batches"]),
+           "lengths": [s.shape[1] for s in result.data.samples], "calibrate_s": result.timings["calibrate_s"],
+           "load_s": result.timings["load_s"], "plain_forward_s": sum(fwd.spans),
+           "comm_plain_forward_s": fwd.comm_inside, "weight_quantizers": weight_quantizers,
+           "peak_rss_mib": memory.peak_mib(), "threads": torch.get_num_threads(), "profile": profile,
+           **{k: v for k, v in seen.items() if k != "batches"}}
+    rows = memory.gather(row)
+    if dist.get_rank() == 0:
+        Path(args.out).write_text(json.dumps(rows))
+    parallel.shutdown()
+
+
+def hf_worker(args) -> None:
+    """transformers' NemotronHForCausalLM + mtq.quantize, as a user would do it (one process)."""
+    import modelopt.torch.quantization as mtq
+    import torch
+    from transformers import AutoTokenizer, NemotronHForCausalLM
+
+    from hybridquant import calib, source
+    from hybridquant.stages import quantize as stage
+
+    cfg = compose(overrides(args))
+    p = stage.plan(cfg)
+    hf_dir = source.resolve(p.model_cfg)
+    t = time.perf_counter()
+    model = NemotronHForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    load_s = time.perf_counter() - t
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    t = time.perf_counter()
+    data = calib.load(cfg.calib.path, tokenizer, cfg.calib.num_samples, cfg.calib.max_seq_len, cfg.calib.seed)
+    data_s = time.perf_counter() - t
+    with torch.no_grad():  # warm-up, as the stage's probe forward is for the Megatron model
+        model(data.samples[0], use_cache=False)
+
+    def forward_loop(m):
+        with torch.no_grad():
+            for batch in data.samples:
+                m(batch, use_cache=False)
+
+    comm = CommTimer()
+    fwd = ForwardTimer(model, comm)
+    t = time.perf_counter()
+    model = mtq.quantize(model, p.mtq_config, forward_loop)
+    quantize_s = time.perf_counter() - t
+    fwd.remove()
+    calib_spans = list(fwd.spans)
+    weight_quantizers = enabled_weight_quantizers(model)
+    disable_quantizers(model)
+    fwd = ForwardTimer(model, comm)
+    forward_loop(model)
+    fwd.remove()
+    profile = forward_profile(lambda: forward_loop(model))
+    row = {"profile": profile, "rank": 0, "world": 1, "layout": "transformers", "tokens_global": data.tokens, "tokens_local": data.tokens,
+           "lengths": [s.shape[1] for s in data.samples], "calibrate_s": quantize_s, "quantize_s": quantize_s,
+           "load_s": load_s, "data_s": data_s, "calib_forward_s": sum(calib_spans), "calib_forwards": len(calib_spans),
+           "comm_calib_forward_s": 0.0, "comm_quantize_s": comm.seconds, "plain_forward_s": sum(fwd.spans),
+           "comm_plain_forward_s": 0.0, "weight_quantizers": weight_quantizers, "threads": torch.get_num_threads()}
+    Path(args.out).write_text(json.dumps([row]))
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+def run_worker(kind: str, args, tmp: Path, nproc: int = 1, layout: list[str] | None = None) -> list[dict]:
+    import subprocess
+
+    out = tmp / f"{kind}-{nproc}.json"
+    worker = ["--worker", kind, "--out", str(out), "--model", args.model, "--recipe", args.recipe,
+              "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--", *(layout or [])]
+    if kind == "megatron":
+        torchrun(nproc, Path(__file__), worker, threads=args.threads)
+    else:
+        proc = subprocess.run([sys.executable, __file__, *worker], cwd=REPO, env=clean_env(args.threads),
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"transformers worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def breakdown(row: dict) -> str:
+    comm = row["comm_quantize_s"]
+    forward = row["plain_forward_s"] - row["comm_plain_forward_s"]
+    stats = (row["calib_forward_s"] - row["comm_calib_forward_s"]) - forward
+    setup = row["quantize_s"] - row["calib_forward_s"] - (comm - row["comm_calib_forward_s"])
+    total = row["data_s"] + row["quantize_s"]
+    parts = {"data": row["data_s"], "forward (quantizers off)": forward, "quantizer statistics": stats,
+             "setup + amax sync": setup, "communication": comm}
+    return ", ".join(f"{k} {v:.2f} s ({v / total:.0%})" for k, v in parts.items()) + f"; total {total:.2f} s"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=BENCH_MODEL)
+    parser.add_argument("--recipe", default="mamba_moe_fp8_conservative")
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (OMP_NUM_THREADS)")
+    parser.add_argument("--worker", choices=["megatron", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("layout", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return {"megatron": megatron_worker, "hf": hf_worker}[args.worker](args)
+    if args.samples < 2 or args.seq_len < 16 or args.threads < 1:
+        raise SystemExit("error: --samples must be at least 2, --seq-len at least 16, --threads at least 1")
+
+    from hybridquant import source
+
+    hf_dir = materialize(args.model)
+    hf_config = source.read_config(hf_dir)
+    print(f"machine: {load_average()} at start; {args.threads} thread(s) per process")
+    peak = {1: gemm_peak_gflops(args.threads), 2: gemm_peak_gflops(2 * args.threads)}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        hf = run_worker("hf", args, tmp)[0]
+        meg = run_worker("megatron", args, tmp)
+        meg2 = run_worker("megatron", args, tmp, nproc=2, layout=["parallel.ep=2"])
+    peak_after = {1: gemm_peak_gflops(args.threads), 2: gemm_peak_gflops(2 * args.threads)}
+
+    m = meg[0]
+    params = model_bytes(hf_dir, "float32")[0] // 4
+    f = flops(hf_config, m["lengths"])
+    total_flops = sum(f.values())
+    tokens = m["tokens_global"]
+    print(f"model: {args.model}, {params / 1e6:.1f}M parameters (float32), pattern {hf_config['hybrid_override_pattern']}; "
+          f"recipe {args.recipe}; {len(m['lengths'])} samples, {tokens} tokens (max {args.seq_len} per sample)")
+    print(f"weight quantizers enabled: hybridquant {m['weight_quantizers']}, transformers {hf['weight_quantizers']}")
+    if hf["weight_quantizers"] != m["weight_quantizers"]:
+        print("  (the same ModelOpt config quantizes fewer weights on transformers' model: its routed experts are "
+              "fused 3-D parameters, not Linear modules, and ModelOpt leaves them unquantized)")
+    rate = {k: r["tokens_global"] / r["calibrate_s"] for k, r in (("meg", m), ("hf", hf), ("meg2", meg2[0]))}
+    print(f"calibration tokens/s: hybridquant (stage calibrate, 1 rank) {rate['meg']:.0f}; "
+          f"transformers + mtq.quantize {rate['hf']:.0f}; hybridquant EP2 (2 ranks) {rate['meg2']:.0f}")
+    print(f"ratio hybridquant / transformers (1 process each): {rate['meg'] / rate['hf']:.2f}")
+    print(f"ratio hybridquant 2 ranks / 1 rank: {rate['meg2'] / rate['meg']:.2f}")
+    print(f"matmul FLOPs per token: {total_flops / tokens / 1e6:.1f} M (" + ", ".join(
+        f"{k} {v / tokens / 1e6:.1f}" for k, v in f.items()) + ")")
+    print(f"dense GEMM peak (float32 2048^3 torch.matmul): {args.threads} thread(s) {peak[1]:.1f} GFLOP/s "
+          f"(after: {peak_after[1]:.1f}), {2 * args.threads} threads {peak[2]:.1f} GFLOP/s (after: {peak_after[2]:.1f})")
+    for name, r, world in (("hybridquant 1 rank", m, 1), ("transformers", hf, 1), ("hybridquant EP2", meg2[0], 2)):
+        achieved = total_flops / r["calibrate_s"] / 1e9
+        best = max(peak[world], peak_after[world])
+        print(f"achieved {name}: {achieved:.2f} GFLOP/s over calibrate, "
+              f"{total_flops / max(r['calib_forward_s'] for r in (meg2 if world == 2 else [r])) / 1e9:.2f} over the "
+              f"calibration forwards; / GEMM peak ({world * args.threads} thread(s)): {achieved / best:.3f}")
+    print("where the time goes (data + mtq.quantize), per rank:")
+    print(f"  transformers:          {breakdown(hf)}")
+    for r in meg:
+        print(f"  hybridquant 1 rank:    {breakdown(r)}")
+    for r in meg2:
+        print(f"  hybridquant EP2 rank {r['rank']}: {breakdown(r)}")
+    print("inside the forward (quantizers off, torch.profiler self CPU time): GEMM share, largest other operators:")
+    for name, r in (("transformers", hf), ("hybridquant 1 rank", m), ("hybridquant EP2 rank 0", meg2[0])):
+        prof = r["profile"]
+        print(f"  {name}: GEMM {prof['gemm_s'] / prof['total_s']:.0%} of {prof['total_s']:.2f} s; "
+              + ", ".join(f"{k} {t / prof['total_s']:.0%}" for k, t in prof["top_other"]))
+    print(f"machine: {load_average()} at end")
+
+
+if __name__ == "__main__":
+    main()
