@@ -103,8 +103,9 @@ def materialize(name: str = BENCH_MODEL) -> Path:
     return source.resolve(model_config(name))
 
 
-def gemm_peak_gflops(threads: int, n: int = 2048, seconds: float = 3.0) -> float:
-    """Best observed float32 dense GEMM rate of ``torch.matmul`` on ``threads`` threads (GFLOP/s)."""
+def gemm_peak_gflops(threads: int, n: int = 2048, seconds: float = 3.0) -> tuple[float, float]:
+    """Best observed float32 dense GEMM rate of ``torch.matmul`` on ``threads`` threads (GFLOP/s), per
+    wall second and per CPU-second of this process (per core: load-robust)."""
     import torch
 
     before = torch.get_num_threads()
@@ -112,12 +113,13 @@ def gemm_peak_gflops(threads: int, n: int = 2048, seconds: float = 3.0) -> float
     try:
         a, b = torch.randn(n, n), torch.randn(n, n)
         torch.matmul(a, b)
-        best, end = float("inf"), time.perf_counter() + seconds
+        wall, cpu, end = float("inf"), float("inf"), time.perf_counter() + seconds
         while time.perf_counter() < end:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             torch.matmul(a, b)
-            best = min(best, time.perf_counter() - t)
-        return 2 * n**3 / best / 1e9
+            wall, cpu = min(wall, time.perf_counter() - t), min(cpu, time.process_time() - c)
+        flop = 2 * n**3 / 1e9
+        return flop / wall, flop / cpu
     finally:
         torch.set_num_threads(before)
 

@@ -84,12 +84,27 @@ def flops(hf_config: dict, lengths: list[int]) -> dict[str, float]:
 
 
 # --- timing helpers (inside workers) -------------------------------------------------------------
+# Every duration is [wall seconds, CPU seconds of this process]: on a shared machine the CPU time a
+# process got is a load-robust measure of its work; the wall time also holds what it waited for.
+
+def now() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def since(t0) -> list[float]:
+    wall, cpu = now()
+    return [wall - t0[0], cpu - t0[1]]
+
+
+def total(spans) -> list[float]:
+    return [sum(s[0] for s in spans), sum(s[1] for s in spans)]
+
 
 class CommTimer:
     """Wall time spent inside torch.distributed collectives (wrapped at module level)."""
 
     def __init__(self):
-        self.seconds, self.calls = 0.0, 0
+        self.seconds, self.calls = [0.0, 0.0], 0
 
     def install(self) -> None:
         import megatron.core.tensor_parallel.mappings as mappings
@@ -107,11 +122,12 @@ class CommTimer:
 
     def _wrap(self, fn):
         def timed(*args, **kwargs):
-            t = time.perf_counter()
+            t = now()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - t
+                wall, cpu = since(t)
+                self.seconds = [self.seconds[0] + wall, self.seconds[1] + cpu]
                 self.calls += 1
         return timed
 
@@ -120,15 +136,23 @@ class ForwardTimer:
     """Durations of a module's forward calls, and the communication inside them."""
 
     def __init__(self, module, comm: CommTimer):
-        self.spans, self.comm_inside, self._start, self._comm = [], 0.0, 0.0, comm
+        self.spans, self.comm_spans, self._start, self._comm = [], [], None, comm
         self.handles = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
 
     def _pre(self, *_):
-        self._start, self._comm0 = time.perf_counter(), self._comm.seconds
+        self._start, self._comm0 = now(), list(self._comm.seconds)
 
     def _post(self, *_):
-        self.spans.append(time.perf_counter() - self._start)
-        self.comm_inside += self._comm.seconds - self._comm0
+        self.spans.append(since(self._start))
+        self.comm_spans.append([a - b for a, b in zip(self._comm.seconds, self._comm0)])
+
+    @property
+    def elapsed(self) -> list[float]:
+        return total(self.spans)
+
+    @property
+    def comm_inside(self) -> list[float]:
+        return total(self.comm_spans)
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -186,20 +210,20 @@ def megatron_worker(args) -> None:
     real_load, real_quantize = calib.load, quantization.quantize
 
     def timed_load(*a, **kw):
-        t = time.perf_counter()
+        t = now()
         data = real_load(*a, **kw)
-        seen["data_s"] = time.perf_counter() - t
+        seen["data_s"] = since(t)
         return data
 
     def timed_quantize(chunks, mtq_config, batches, before_batch=None):
         seen["batches"] = batches
         fwd = ForwardTimer(chunks[0], comm)
-        comm0, t = comm.seconds, time.perf_counter()
+        comm0, t = list(comm.seconds), now()
         real_quantize(chunks, mtq_config, batches, before_batch=before_batch)
-        seen["quantize_s"] = time.perf_counter() - t
-        seen["comm_quantize_s"] = comm.seconds - comm0
+        seen["quantize_s"] = since(t)
+        seen["comm_quantize_s"] = [a - b for a, b in zip(comm.seconds, comm0)]
         fwd.remove()
-        seen["calib_forward_s"], seen["comm_calib_forward_s"] = sum(fwd.spans), fwd.comm_inside
+        seen["calib_forward_s"], seen["comm_calib_forward_s"] = fwd.elapsed, fwd.comm_inside
         seen["calib_forwards"] = len(fwd.spans)
 
     calib.load, quantization.quantize = timed_load, timed_quantize
@@ -216,7 +240,7 @@ def megatron_worker(args) -> None:
     row = {"rank": dist.get_rank(), "world": dist.get_world_size(), "layout": p.layout.tag,
            "tokens_global": result.data.tokens, "tokens_local": sum(b.numel() for b in seen["batches"]),
            "lengths": [s.shape[1] for s in result.data.samples], "calibrate_s": result.timings["calibrate_s"],
-           "load_s": result.timings["load_s"], "plain_forward_s": sum(fwd.spans),
+           "load_s": result.timings["load_s"], "plain_forward_s": fwd.elapsed,
            "comm_plain_forward_s": fwd.comm_inside, "weight_quantizers": weight_quantizers,
            "peak_rss_mib": memory.peak_mib(), "threads": torch.get_num_threads(), "profile": profile,
            **{k: v for k, v in seen.items() if k != "batches"}}
@@ -242,9 +266,9 @@ def hf_worker(args) -> None:
     model = NemotronHForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     load_s = time.perf_counter() - t
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    t = time.perf_counter()
+    t = now()
     data = calib.load(cfg.calib.path, tokenizer, cfg.calib.num_samples, cfg.calib.max_seq_len, cfg.calib.seed)
-    data_s = time.perf_counter() - t
+    data_s = since(t)
     with torch.no_grad():  # warm-up, as the stage's probe forward is for the Megatron model
         model(data.samples[0], use_cache=False)
 
@@ -255,11 +279,11 @@ def hf_worker(args) -> None:
 
     comm = CommTimer()
     fwd = ForwardTimer(model, comm)
-    t = time.perf_counter()
+    t = now()
     model = mtq.quantize(model, p.mtq_config, forward_loop)
-    quantize_s = time.perf_counter() - t
+    quantize_s = since(t)
     fwd.remove()
-    calib_spans = list(fwd.spans)
+    calib_forward = fwd.elapsed
     weight_quantizers = enabled_weight_quantizers(model)
     disable_quantizers(model)
     fwd = ForwardTimer(model, comm)
@@ -267,10 +291,10 @@ def hf_worker(args) -> None:
     fwd.remove()
     profile = forward_profile(lambda: forward_loop(model))
     row = {"profile": profile, "rank": 0, "world": 1, "layout": "transformers", "tokens_global": data.tokens, "tokens_local": data.tokens,
-           "lengths": [s.shape[1] for s in data.samples], "calibrate_s": quantize_s, "quantize_s": quantize_s,
-           "load_s": load_s, "data_s": data_s, "calib_forward_s": sum(calib_spans), "calib_forwards": len(calib_spans),
-           "comm_calib_forward_s": 0.0, "comm_quantize_s": comm.seconds, "plain_forward_s": sum(fwd.spans),
-           "comm_plain_forward_s": 0.0, "weight_quantizers": weight_quantizers, "threads": torch.get_num_threads()}
+           "lengths": [s.shape[1] for s in data.samples], "calibrate_s": quantize_s[0], "quantize_s": quantize_s,
+           "load_s": load_s, "data_s": data_s, "calib_forward_s": calib_forward, "calib_forwards": len(fwd.spans),
+           "comm_calib_forward_s": [0.0, 0.0], "comm_quantize_s": comm.seconds, "plain_forward_s": fwd.elapsed,
+           "comm_plain_forward_s": [0.0, 0.0], "weight_quantizers": weight_quantizers, "threads": torch.get_num_threads()}
     Path(args.out).write_text(json.dumps([row]))
 
 
@@ -292,15 +316,21 @@ def run_worker(kind: str, args, tmp: Path, nproc: int = 1, layout: list[str] | N
     return json.loads(out.read_text())
 
 
-def breakdown(row: dict) -> str:
-    comm = row["comm_quantize_s"]
-    forward = row["plain_forward_s"] - row["comm_plain_forward_s"]
-    stats = (row["calib_forward_s"] - row["comm_calib_forward_s"]) - forward
-    setup = row["quantize_s"] - row["calib_forward_s"] - (comm - row["comm_calib_forward_s"])
-    total = row["data_s"] + row["quantize_s"]
-    parts = {"data": row["data_s"], "forward (quantizers off)": forward, "quantizer statistics": stats,
+def rank_tag(row: dict, rows: list) -> str:
+    return f" rank {row['rank']}" if len(rows) > 1 else ""
+
+
+def breakdown(row: dict, clock: int) -> str:
+    """Where data + mtq.quantize went, in wall (clock 0) or CPU (clock 1) seconds."""
+    r = {k: v[clock] for k, v in row.items() if isinstance(v, list) and len(v) == 2 and k.endswith("_s")}
+    comm = r["comm_quantize_s"]
+    forward = r["plain_forward_s"] - r["comm_plain_forward_s"]
+    stats = (r["calib_forward_s"] - r["comm_calib_forward_s"]) - forward
+    setup = r["quantize_s"] - r["calib_forward_s"] - (comm - r["comm_calib_forward_s"])
+    whole = r["data_s"] + r["quantize_s"]
+    parts = {"data": r["data_s"], "forward (quantizers off)": forward, "quantizer statistics": stats,
              "setup + amax sync": setup, "communication": comm}
-    return ", ".join(f"{k} {v:.2f} s ({v / total:.0%})" for k, v in parts.items()) + f"; total {total:.2f} s"
+    return ", ".join(f"{k} {v:.2f} s ({v / whole:.0%})" for k, v in parts.items()) + f"; total {whole:.2f} s"
 
 
 def main() -> None:
@@ -343,27 +373,34 @@ def main() -> None:
     if hf["weight_quantizers"] != m["weight_quantizers"]:
         print("  (the same ModelOpt config quantizes fewer weights on transformers' model: its routed experts are "
               "fused 3-D parameters, not Linear modules, and ModelOpt leaves them unquantized)")
-    rate = {k: r["tokens_global"] / r["calibrate_s"] for k, r in (("meg", m), ("hf", hf), ("meg2", meg2[0]))}
-    print(f"calibration tokens/s: hybridquant (stage calibrate, 1 rank) {rate['meg']:.0f}; "
-          f"transformers + mtq.quantize {rate['hf']:.0f}; hybridquant EP2 (2 ranks) {rate['meg2']:.0f}")
-    print(f"ratio hybridquant / transformers (1 process each): {rate['meg'] / rate['hf']:.2f}")
-    print(f"ratio hybridquant 2 ranks / 1 rank: {rate['meg2'] / rate['meg']:.2f}")
+    runs = {"hybridquant 1 rank": [*meg], "transformers": [hf], "hybridquant EP2": [*meg2]}
+    wall = {k: r[0]["tokens_global"] / r[0]["calibrate_s"] for k, r in runs.items()}
+    # CPU: every rank's CPU seconds in mtq.quantize, summed (the work done, whatever else ran)
+    cpu = {k: r[0]["tokens_global"] / sum(x["quantize_s"][1] for x in r) for k, r in runs.items()}
+    h, t, e = "hybridquant 1 rank", "transformers", "hybridquant EP2"
+    print("calibration tokens/s (wall, the stage's calibrate_s): " + ", ".join(f"{k} {v:.0f}" for k, v in wall.items()))
+    print("calibration tokens per CPU-second (all ranks): " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()))
+    print(f"ratio hybridquant / transformers (1 process each): {wall[h] / wall[t]:.2f} wall, {cpu[h] / cpu[t]:.2f} CPU")
+    print(f"ratio hybridquant 2 ranks / 1 rank: {wall[e] / wall[h]:.2f} wall, {cpu[e] / cpu[h]:.2f} CPU")
     print(f"matmul FLOPs per token: {total_flops / tokens / 1e6:.1f} M (" + ", ".join(
         f"{k} {v / tokens / 1e6:.1f}" for k, v in f.items()) + ")")
-    print(f"dense GEMM peak (float32 2048^3 torch.matmul): {args.threads} thread(s) {peak[1]:.1f} GFLOP/s "
-          f"(after: {peak_after[1]:.1f}), {2 * args.threads} threads {peak[2]:.1f} GFLOP/s (after: {peak_after[2]:.1f})")
-    for name, r, world in (("hybridquant 1 rank", m, 1), ("transformers", hf, 1), ("hybridquant EP2", meg2[0], 2)):
-        achieved = total_flops / r["calibrate_s"] / 1e9
-        best = max(peak[world], peak_after[world])
-        print(f"achieved {name}: {achieved:.2f} GFLOP/s over calibrate, "
-              f"{total_flops / max(r['calib_forward_s'] for r in (meg2 if world == 2 else [r])) / 1e9:.2f} over the "
-              f"calibration forwards; / GEMM peak ({world * args.threads} thread(s)): {achieved / best:.3f}")
-    print("where the time goes (data + mtq.quantize), per rank:")
-    print(f"  transformers:          {breakdown(hf)}")
-    for r in meg:
-        print(f"  hybridquant 1 rank:    {breakdown(r)}")
-    for r in meg2:
-        print(f"  hybridquant EP2 rank {r['rank']}: {breakdown(r)}")
+    best = {w: (max(peak[w][0], peak_after[w][0]), max(peak[w][1], peak_after[w][1])) for w in peak}
+    print(f"dense GEMM peak (float32 2048^3 torch.matmul), GFLOP/s per wall second / per CPU-second per core: "
+          + "; ".join(f"{w * args.threads} thread(s) {peak[w][0]:.1f} / {peak[w][1]:.1f} before, "
+                      f"{peak_after[w][0]:.1f} / {peak_after[w][1]:.1f} after" for w in peak))
+    for name, rows in runs.items():
+        world = rows[0]["world"]
+        achieved_wall = total_flops / rows[0]["calibrate_s"] / 1e9
+        achieved_cpu = total_flops / sum(x["quantize_s"][1] for x in rows) / 1e9
+        print(f"achieved {name}: {achieved_wall:.2f} GFLOP/s wall / GEMM peak on {world * args.threads} thread(s) "
+              f"{best[world][0]:.1f} = {achieved_wall / best[world][0]:.3f}; per CPU-second per core "
+              f"{achieved_cpu:.2f} / {best[world][1]:.1f} = {achieved_cpu / best[world][1]:.3f}")
+    for clock, label in ((0, "wall"), (1, "CPU")):
+        print(f"where the time goes (data + mtq.quantize), {label} seconds per rank:")
+        for name, rows in runs.items():
+            for r in rows:
+                print(f"  {name}{rank_tag(r, rows)}: "
+                      f"{breakdown(r, clock)}")
     print("inside the forward (quantizers off, torch.profiler self CPU time): GEMM share, largest other operators:")
     for name, r in (("transformers", hf), ("hybridquant 1 rank", m), ("hybridquant EP2 rank 0", meg2[0])):
         prof = r["profile"]
