@@ -32,7 +32,7 @@ def torchrun(nproc: int, script: Path, args: list[str], threads: int | None = No
 
     cmd = [str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            str(script), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(threads), capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(threads), capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{script.name} {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return proc.stdout
@@ -134,8 +134,7 @@ def disk_write_mib_s(directory: Path, mib: int, fsync: bool = True, block_mib: i
     t = time.perf_counter()
     try:
         with open(path, "wb", buffering=0) as f:
-            for _ in range(max(1, mib // block_mib)):
-                f.write(block)
+            f.writelines(block for _ in range(max(1, mib // block_mib)))
             if fsync:
                 os.fsync(f.fileno())
         elapsed = time.perf_counter() - t

@@ -35,8 +35,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import (BENCH_MODEL, REPO, clean_env, gemm_peak_gflops, load_average, materialize, model_bytes,
-                     torchrun)
+from _common import (
+    BENCH_MODEL,
+    REPO,
+    clean_env,
+    gemm_peak_gflops,
+    load_average,
+    materialize,
+    model_bytes,
+    torchrun,
+)
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_object",
                "all_to_all", "all_to_all_single", "broadcast", "broadcast_object_list", "reduce_scatter_tensor",
@@ -107,8 +115,8 @@ class CommTimer:
         self.seconds, self.calls = [0.0, 0.0], 0
 
     def install(self) -> None:
-        import megatron.core.tensor_parallel.mappings as mappings
         import torch.distributed as dist
+        from megatron.core.tensor_parallel import mappings
 
         for name in COLLECTIVES:
             real = getattr(dist, name, None)
@@ -310,7 +318,7 @@ def run_worker(kind: str, args, tmp: Path, nproc: int = 1, layout: list[str] | N
         torchrun(nproc, Path(__file__), worker, threads=args.threads)
     else:
         proc = subprocess.run([sys.executable, __file__, *worker], cwd=REPO, env=clean_env(args.threads),
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise SystemExit(f"transformers worker failed:\n{proc.stderr[-3000:]}")
     return json.loads(out.read_text())
@@ -385,7 +393,7 @@ def main() -> None:
     print(f"matmul FLOPs per token: {total_flops / tokens / 1e6:.1f} M (" + ", ".join(
         f"{k} {v / tokens / 1e6:.1f}" for k, v in f.items()) + ")")
     best = {w: (max(peak[w][0], peak_after[w][0]), max(peak[w][1], peak_after[w][1])) for w in peak}
-    print(f"dense GEMM peak (float32 2048^3 torch.matmul), GFLOP/s per wall second / per CPU-second per core: "
+    print("dense GEMM peak (float32 2048^3 torch.matmul), GFLOP/s per wall second / per CPU-second per core: "
           + "; ".join(f"{w * args.threads} thread(s) {peak[w][0]:.1f} / {peak[w][1]:.1f} before, "
                       f"{peak_after[w][0]:.1f} / {peak_after[w][1]:.1f} after" for w in peak))
     for name, rows in runs.items():

@@ -21,7 +21,15 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from _common import BENCH_MODEL, disk_write_mib_s, export_timing, load_average, model_bytes, quantize, stage
+from _common import (
+    BENCH_MODEL,
+    disk_write_mib_s,
+    export_timing,
+    load_average,
+    model_bytes,
+    quantize,
+    stage,
+)
 
 # bench_medium at twice the width: ~230M parameters (float32), the same layer pattern.
 LARGE = ["model.arch.hidden_size=1024", "model.arch.num_attention_heads=16", "model.arch.mamba_num_heads=32",

@@ -17,9 +17,9 @@ from pathlib import Path
 # sys.path and `import lm_eval` would find this file instead.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
+import argparse
+import json
+import os
 
 
 def parse_model_args(text: str) -> dict:
