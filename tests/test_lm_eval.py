@@ -12,7 +12,6 @@ import pytest
 
 from launch import REPO, run_stage
 
-pytest.importorskip("lm_eval", reason="lm_eval is not installed (pip install lm_eval; docs/benchmarks.md)")
 
 pytestmark = pytest.mark.distributed
 
