@@ -22,11 +22,30 @@ def remove_if_empty(run_dir: Path, stop: Path) -> None:
 
 @contextlib.contextmanager
 def removed_if_empty_on_failure(run_dir: Path, stop: Path):
-    """On failure, the main rank removes the run directory if nothing was written to it. Only the main
-    rank: another rank failing first must not remove the directory the main rank is about to write."""
+    """On failure, remove the run directory if nothing was written to it. Before the process group
+    exists no rank can be writing (creating it is a rendezvous of all ranks), so any rank may; after,
+    only the main rank: another rank failing first must not remove the directory the main rank is
+    about to write into."""
     try:
         yield
     except BaseException:
-        if os.environ.get("RANK", "0") == "0":
+        import torch.distributed as dist
+
+        if os.environ.get("RANK", "0") == "0" or not dist.is_initialized():
             remove_if_empty(run_dir, stop)
         raise
+
+
+def prepare(run_dir: Path, cfg, stale: tuple[str, ...]) -> None:
+    """Start a stage's run directory (main rank): create it, remove what an earlier run left there
+    (``stale``: its completion marker first, partial outputs), write the resolved ``config.yaml``."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in stale:
+        path = run_dir / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

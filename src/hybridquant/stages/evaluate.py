@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from hybridquant import calib, checkpoint, evaluate, evaluation_report, exported, parallel, recipes, reporting, source
+from hybridquant import (calib, checkpoint, evaluate, evaluation_report, exported, parallel, recipes, reporting, rundir,
+                         source)
 from hybridquant.errors import UserError
 
 log = logging.getLogger("hybridquant.evaluate")
@@ -265,10 +266,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     parallel.init(p.layout, seed=cfg.seed, backend=cfg.cluster.backend, timeout_s=cfg.cluster.timeout_s)
     if parallel.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for name in (RESULT, PLOT):
-            (run_dir / name).unlink(missing_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        rundir.prepare(run_dir, cfg, stale=(RESULT, PLOT))
     tokenizer = AutoTokenizer.from_pretrained(str(p.reference))
     batch = samples(tokenizer, p.data, cfg.evaluation.num_samples, cfg.evaluation.max_seq_len)
     timings: dict[str, float] = {}

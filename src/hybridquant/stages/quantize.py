@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from hybridquant import (calib, checkpoint, coverage, forward, memory, model, parallel, quantization, recipes,
-                         reporting, source)
+                         reporting, rundir, source)
 from hybridquant.errors import UserError
 
 log = logging.getLogger("hybridquant.quantize")
@@ -124,10 +124,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     parallel.init(p.layout, seed=cfg.seed, backend=cfg.cluster.backend, timeout_s=cfg.cluster.timeout_s)
     if parallel.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "report.json").unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "checkpoint.partial", ignore_errors=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        rundir.prepare(run_dir, cfg, stale=("report.json", "checkpoint.partial"))
     parallel.fault_point("load")
     result = calibrate(cfg, p)
     parallel.fault_point("save")
