@@ -122,7 +122,7 @@ def test_a_failing_job_is_reported_as_failed(slurm, tmp_path):
 
 def test_a_cancelled_job_is_reported_as_cancelled(slurm, tmp_path):
     # The job hangs (as a stuck rank would) until it is cancelled.
-    cmd = [sys.executable, str(REPO / "launch" / "submit.py"), "quantize", *sc.CPU,
+    cmd = [sys.executable, str(REPO / "launch" / "submit.py"), "quantize", *sc.CPU, "cluster.tasks_per_node=1",
            "+quant=mamba_moe_fp8_conservative", *sc.SMALL, f"output_root={tmp_path}"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=sc.env(HYBRIDQUANT_FAULT="0:load", HYBRIDQUANT_FAULT_KIND="hang"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
