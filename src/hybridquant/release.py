@@ -233,6 +233,12 @@ def _owned_by_later(path: Path, release_dir: Path, stage: Stage) -> bool:
 # ------------------------------------------------------------------------------------------------
 # The release manifest and its verification.
 
+def release_files(release_dir: Path) -> list[Path]:
+    """The files the manifest covers: everything but itself, the stage records and the logs."""
+    return [f for f in files_under(release_dir, ["."])
+            if f.relative_to(release_dir).parts[0] not in (MANIFEST, RECORDS, "logs")]
+
+
 def git_state() -> dict:
     def git(*args):
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
@@ -249,9 +255,7 @@ def manifest(cfg: DictConfig, release_dir: Path, stages: list[Stage], done: dict
     report = json.loads((q / "report.json").read_text())
     ecfg_path = release_dir / "evaluate" / "config.yaml"
     ecfg = OmegaConf.to_container(OmegaConf.load(ecfg_path), resolve=True) if ecfg_path.exists() else {}
-    files = digest_files(release_dir, [f for f in files_under(release_dir, ["."])
-                                       if f.name != MANIFEST and RECORDS not in f.relative_to(release_dir).parts
-                                       and "logs" not in f.relative_to(release_dir).parts[:1]])
+    files = digest_files(release_dir, release_files(release_dir))
     seeds = {"pipeline": cfg.seed, "calibration": qcfg["calib"]["seed"], "model": qcfg["model"].get("seed"),
              "evaluation": ecfg.get("seed")}
     if isinstance(qcfg["model"].get("train"), dict):
@@ -287,8 +291,6 @@ def verify(release_dir: Path) -> list[str]:
             problems.append(f"{rel}: missing")
         elif p.stat().st_size != entry["bytes"] or sha256(p) != entry["sha256"]:
             problems.append(f"{rel}: sha256 differs from the manifest")
-    present = {str(f.relative_to(release_dir)) for f in files_under(release_dir, ["."])
-               if f.name != MANIFEST and RECORDS not in f.relative_to(release_dir).parts
-               and "logs" not in f.relative_to(release_dir).parts[:1]}
+    present = {str(f.relative_to(release_dir)) for f in release_files(release_dir)}
     problems += [f"{rel}: not in the manifest" for rel in sorted(present - set(listed))]
     return problems
