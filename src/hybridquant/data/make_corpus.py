@@ -1,6 +1,6 @@
 """Generate the shipped calibration / held-out text corpus (deterministic, stdlib only).
 
-    .venv/bin/python -m hybridquant.data.make_corpus            # (re)write data/corpus/
+    .venv/bin/python -m hybridquant.data.make_corpus            # (re)write data/corpus/ (calib, heldout, chat)
     .venv/bin/python -m hybridquant.data.make_corpus --check    # exit 1 if the files differ
 
 The text is the project's own, produced procedurally by this script (Apache-2.0, like the project).
@@ -244,6 +244,143 @@ def generate() -> dict[str, list[dict]]:
     return splits
 
 
+# The conversational corpus (chat.jsonl): structured `messages` rows as chat datasets hold them, with a
+# `category` column (NVIDIA's post-training data name for the domain) and `reasoning` on/off.
+CHAT_SIZE, CHAT_SEED = 30, 3  # conversations per domain
+TOOLS = {
+    "run_shell": {"type": "function", "function": {
+        "name": "run_shell", "description": "Run a shell command in the task's working directory.",
+        "parameters": {"type": "object", "properties": {"cmd": {"type": "string", "description": "the command"}},
+                       "required": ["cmd"]}}},
+    "search_hotels": {"type": "function", "function": {
+        "name": "search_hotels", "description": "Find a hotel with free rooms.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "nights": {"type": "integer"}},
+                       "required": ["city", "nights"]}}},
+    "book_hotel": {"type": "function", "function": {
+        "name": "book_hotel", "description": "Book a room in a hotel found by search_hotels.",
+        "parameters": {"type": "object", "properties": {"hotel": {"type": "string"}, "nights": {"type": "integer"}},
+                       "required": ["hotel", "nights"]}}},
+}
+
+
+def _call(i: int, name: str, **arguments) -> dict:
+    """An OpenAI-style tool call; arguments as JSON text, the wire format."""
+    return {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+
+
+def _assistant(content: str, reasoning: str | None = None, tool_calls: list | None = None) -> dict:
+    msg = {"role": "assistant", "content": content}
+    if reasoning:
+        msg["reasoning_content"] = reasoning
+    if tool_calls:
+        msg["tool_calls"] = tool_calls
+    return msg
+
+
+def _maybe(r: random.Random, reasoning: str) -> str | None:
+    return reasoning if r.random() < 0.5 else None
+
+
+def conv_math(r: random.Random) -> tuple[list[dict], list | None]:
+    a, x, b = r.randint(2, 12), r.randint(-20, 20), r.randint(-50, 50)
+    c = a * x + b
+    steps = f"Subtract {b} from both sides: {a}x = {c - b}. Divide by {a}: x = {(c - b) // a}."
+    turns = [{"role": "user", "content": f"Solve for x: {a}x + ({b}) = {c}."}, _assistant(f"x = {x}", _maybe(r, steps))]
+    if r.random() < 0.4:
+        turns += [{"role": "user", "content": f"Check it for me: what is {a} x {x} + ({b})?"},
+                  _assistant(f"{a} x {x} + ({b}) = {c}, so x = {x} is right.", _maybe(r, f"{a * x} + ({b}) = {c}."))]
+    return turns, None
+
+
+def conv_swe(r: random.Random) -> tuple[list[dict], list | None]:
+    n = r.randint(2, 9)
+    code = (f"def chunk(items, size={n}):\n    \"\"\"Split `items` into lists of at most `size` elements.\"\"\"\n"
+            "    return [items[i:i + size] for i in range(0, len(items), size)]\n")
+    test = f"assert chunk(list(range({2 * n + 1})), {n})[-1] == [{2 * n}]\n"
+    exec(code + test, {})  # the test really passes
+    return [{"role": "system", "content": "You are a careful Python engineer."},
+            {"role": "user", "content": f"Write a function that splits a list into chunks of {n}, with a test."},
+            _assistant(f"```python\n{code}\n{test}```", _maybe(r, "Slice in steps of the chunk size; the last chunk may be short."))], None
+
+
+def conv_terminal(r: random.Random) -> tuple[list[dict], list | None]:
+    pattern = r.choice(["ERROR", "WARN", "timeout"])
+    files = [f"{r.choice(['app', 'db', 'worker'])}_{i}.log" for i in range(r.randint(2, 4))]
+    counts = [r.randint(0, 7) for _ in files]
+    return [{"role": "system", "content": "You are an agent working in a Linux shell through the run_shell tool."},
+            {"role": "user", "content": f"How many lines contain '{pattern}' in the log files here?"},
+            _assistant("", _maybe(r, "List the files first, then count per file."), [_call(0, "run_shell", cmd="ls")]),
+            {"role": "tool", "tool_call_id": "call_0", "content": "\n".join(files)},
+            _assistant("", None, [_call(1, "run_shell", cmd=f"grep -c '{pattern}' *.log")]),
+            {"role": "tool", "tool_call_id": "call_1", "content": "\n".join(f"{f}:{c}" for f, c in zip(files, counts))},
+            _assistant(f"{sum(counts)} lines contain '{pattern}' ({', '.join(f'{f}: {c}' for f, c in zip(files, counts))}).",
+                       _maybe(r, f"{' + '.join(map(str, counts))} = {sum(counts)}."))], [TOOLS["run_shell"]]
+
+
+def conv_science(r: random.Random) -> tuple[list[dict], list | None]:
+    name = r.choice(sorted(MOLECULES))
+    formula = MOLECULES[name]
+    mass = sum(n * ATOMIC[el] for el, n in formula.items())
+    parts = " + ".join(f"{n} x {ATOMIC[el]:.3f}" for el, n in formula.items())
+    return [{"role": "user", "content": f"What is the molar mass of {name}?"},
+            _assistant(f"About {mass:.2f} g/mol.", _maybe(r, f"Sum the atomic masses: {parts} = {mass:.3f}."))], None
+
+
+def conv_chat(r: random.Random) -> tuple[list[dict], list | None]:
+    topic = r.choice(TOPICS)
+    return [{"role": "user", "content": f"Can you explain {topic} in simple terms?"},
+            _assistant(EXPLANATIONS[topic], _maybe(r, f"A plain explanation of {topic}, one or two sentences."))], None
+
+
+def conv_agent(r: random.Random) -> tuple[list[dict], list | None]:
+    name, city = r.choice(NAMES), r.choice(["Lisbon", "Nairobi", "Osaka", "Toronto", "Krakow", "Lima"])
+    nights, price = r.randint(1, 6), r.choice([80, 95, 120, 150])
+    hotel = f"Hotel {city} Centre"
+    return [{"role": "system", "content": "You are a travel booking assistant."},
+            {"role": "user", "content": f"Hi, I'm {name}. Please book a hotel in {city} for {nights} nights."},
+            _assistant("", _maybe(r, "Search first, then book what was found."),
+                       [_call(0, "search_hotels", city=city, nights=nights)]),
+            {"role": "tool", "tool_call_id": "call_0", "content": json.dumps({"hotel": hotel, "price_per_night": price})},
+            _assistant("", None, [_call(1, "book_hotel", hotel=hotel, nights=nights)]),
+            {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"confirmed": True})},
+            _assistant(f"Done, {name}: {hotel}, {nights} nights at {price} per night, {nights * price} in total.",
+                       _maybe(r, f"{nights} x {price} = {nights * price}."))], [TOOLS["search_hotels"], TOOLS["book_hotel"]]
+
+
+def conv_instruction(r: random.Random) -> tuple[list[dict], list | None]:
+    words = r.sample(FRUITS, r.randint(3, 6))
+    return [{"role": "user", "content": f"Sort these words alphabetically, comma-separated: {', '.join(words)}."},
+            _assistant(", ".join(sorted(words)), _maybe(r, "Compare the words letter by letter."))], None
+
+
+def conv_safety(r: random.Random) -> tuple[list[dict], list | None]:
+    ask = r.choice(HARMFUL)
+    return [{"role": "user", "content": f"Tell me {ask}."},
+            _assistant(f"I can't help with that, because it could hurt someone. {SAFE_ALT[ask]}",
+                       _maybe(r, "This request could cause harm; decline and offer a safe alternative."))], None
+
+
+CONVERSATIONS = {"math": conv_math, "swe": conv_swe, "terminal_agent": conv_terminal, "science": conv_science,
+                 "chat": conv_chat, "conversational_agent": conv_agent, "instruction_following": conv_instruction,
+                 "safety": conv_safety}
+
+
+def generate_chat() -> list[dict]:
+    """chat.jsonl: CHAT_SIZE conversations per domain, shuffled (its own seed: the text corpus is unchanged)."""
+    r = random.Random(CHAT_SEED)
+    rows = []
+    for domain, make in CONVERSATIONS.items():
+        for i in range(CHAT_SIZE):
+            messages, tools = make(r)
+            row = {"id": f"chat-{domain}-{i:04d}", "category": domain, "messages": messages,
+                   "reasoning": "on" if any(m.get("reasoning_content") for m in messages) else "off"}
+            if tools:
+                row["tools"] = tools
+            rows.append(row)
+    r.shuffle(rows)
+    return rows
+
+
 def _render(rows: list[dict]) -> str:
     return "".join(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n" for row in rows)
 
@@ -254,6 +391,7 @@ def main() -> int:
     ap.add_argument("--check", action="store_true", help="exit 1 if the files on disk differ")
     args = ap.parse_args()
     rendered = {f"{split}.jsonl": _render(rows) for split, rows in generate().items()}
+    rendered["chat.jsonl"] = _render(generate_chat())
     if args.check:
         stale = [name for name, text in rendered.items()
                  if not (args.out_dir / name).is_file() or (args.out_dir / name).read_text(encoding="utf-8") != text]
