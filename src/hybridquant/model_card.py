@@ -46,8 +46,13 @@ def calibration_markdown(calib: dict, cfg: dict) -> str:
              f"each, sampling seed {cfg['calib']['seed']}" + (", every token routed to every expert for statistics"
                                                                if calib.get("all_experts") else "")]
     if calib.get("domains"):
-        mix = ", ".join(f"{k} {v}" for k, v in sorted(calib["domains"].items(), key=lambda kv: -kv[1]))
-        lines.append(f"- domains (samples): {mix}")
+        tokens = calib.get("domain_tokens") or {}
+        order = sorted(calib["domains"].items(), key=lambda kv: (-kv[1], kv[0]))
+        if tokens:  # reports since per-domain tokens were recorded
+            mix = ", ".join(f"{k} {v} ({tokens.get(k, 0):,} tokens)" for k, v in order)
+            lines.append(f"- domains (samples, tokens): {mix}")
+        else:
+            lines.append(f"- domains (samples): {', '.join(f'{k} {v}' for k, v in order)}")
     return "\n".join(lines)
 
 

@@ -71,6 +71,7 @@ def quantize_report(*, cfg, recipe, layout, result, peak_rss_mb, checkpoint_dir)
         "layout": layout_dict(layout),
         "calibration": {"source": data.source, "sha256": data.sha256, "samples": len(data.samples),
                         "tokens": data.tokens, "domains": data.domains,
+                        "domain_tokens": getattr(data, "domain_tokens", {}),
                         "all_experts": bool(cfg.calib.all_experts)},
         "summary": quantization.summary(result.records),
         "quantized_modules": quantization.quantized_modules(result.records),

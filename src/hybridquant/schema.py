@@ -39,9 +39,19 @@ class QuantConf:
 
 @dataclass
 class CalibConf:
+    # package:NAME (shipped corpus) | a .jsonl or .parquet file | a datasets save_to_disk directory |
+    # a Hub dataset id already in the local datasets cache (read offline, never downloaded)
     path: str = "package:calib.jsonl"
-    num_samples: int = 32
-    max_seq_len: int = 256
+    split: Optional[str] = None       # datasets: the split (null: the only one, or train)
+    subset: Optional[str] = None      # Hub datasets: the configuration name (null: the default)
+    text_column: str = "text"         # plain-text rows
+    messages_column: str = "messages"  # conversation rows, rendered with the checkpoint's chat template
+    domain_column: str = "domain"     # what calib.mix and the report count by (NVIDIA's post-training data: category)
+    thinking: Optional[bool] = None   # conversations: null = as each row says (enable_thinking / reasoning on|off,
+                                      # else whether it has reasoning content); true/false for every row
+    num_samples: Optional[int] = 32   # >= 1; with a mix: null or the mix's sum
+    mix: Dict[str, int] = field(default_factory=dict)  # domain -> samples (exact counts; 0 leaves a domain out); {}: no mix
+    max_seq_len: int = 256            # >= 2; samples keep their natural length up to this (no padding)
     seed: int = 0
     all_experts: bool = False         # dispatch every token to every expert for statistics (outputs unchanged)
 

@@ -74,6 +74,8 @@ def plan(cfg: DictConfig, layout: parallel.Layout | None = None) -> Plan:
         source.check_identity(model_cfg, hf_cfg)
     arch = source.architecture(model_cfg, hf_cfg)
     parallel.validate(layout, arch)
+    calib.validate(cfg.calib)
+    calib.require_positive("probe_samples", cfg.probe_samples)
     if cfg.calib.all_experts and layout.etp > 1:
         raise UserError("calib.all_experts=true needs parallel.etp=1")
     pattern = arch["hybrid_override_pattern"]
@@ -94,7 +96,7 @@ def calibrate(cfg: DictConfig, p: Plan) -> Calibrated:
     timings["load_s"] = time.perf_counter() - t
 
     tokenizer = AutoTokenizer.from_pretrained(str(hf_path))
-    data = calib.load(cfg.calib.path, tokenizer, cfg.calib.num_samples, cfg.calib.max_seq_len, cfg.calib.seed)
+    data = calib.from_config(cfg.calib, tokenizer)
     check_even_split(p.mtq_config, len(data.samples), parallel_state.get_data_parallel_world_size())
     local = calib.shard(data.samples, parallel_state.get_data_parallel_rank(),
                         parallel_state.get_data_parallel_world_size())
@@ -156,7 +158,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 def probe_batch(tokenizer, path: str, n: int, max_len: int) -> torch.Tensor:
     """Held-out samples (never used for calibration), cut to a common length, as one batch."""
-    rows = calib.read_jsonl(calib.resolve_path(path))[:max(n, 1)]
+    rows = calib.read_jsonl(calib.resolve_path(path))[:n]
     ids = [tokenizer(r["text"], add_special_tokens=False)["input_ids"] for r in rows]
     length = min(min(len(x) for x in ids), max_len)
     return torch.tensor([x[:length] for x in ids], dtype=torch.long)
