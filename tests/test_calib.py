@@ -102,6 +102,8 @@ def test_broken_parquet_and_missing_dataset_are_one_line_errors(tmp_path, tok, m
     msg = _one_line_error(excinfo)
     assert "acme/no-such-calibration-set" in msg and "local Hugging Face datasets cache" in msg
     assert datasets.config.HF_HUB_OFFLINE == offline  # offline only while reading calibration data
+    with pytest.raises(UserError, match="text data not found"):  # held-out text readers take JSONL files only
+        calib.resolve_path("acme/no-such-calibration-set")
 
     (tmp_path / "plain_dir").mkdir()
     with pytest.raises(UserError, match="not a dataset written by datasets' save_to_disk"):

@@ -141,6 +141,8 @@ def locate(path: str) -> Location:
 def resolve_path(path: str) -> Path:
     """A JSONL file (``package:NAME`` is a corpus shipped in the package); for the readers of held-out text."""
     loc = locate(path)
+    if loc.kind == "hub":
+        raise UserError(f"text data not found: {Path(path).expanduser()}")
     if loc.kind != "jsonl":
         raise UserError(f"{path}: a JSONL file is needed here, this is a {loc.kind.replace('_', ' ')}")
     return Path(loc.where)
