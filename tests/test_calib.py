@@ -52,6 +52,7 @@ def _compose(repo, *overrides):
     ("++calib.mix={math:-1}", "calib.mix.math=-1"),
     ("++calib.mix={math:0}", "calib.mix leaves every domain out"),
     ("calib.path=/nonexistent/calib.jsonl", "/nonexistent/calib.jsonl"),
+    ("calib=cascade2_mix", "calib.path is not set"),  # a preset for your data never falls back to the shipped text
 ])
 def test_plan_refuses_bad_calibration_sizes(repo, override, named):
     from hybridquant.stages import quantize

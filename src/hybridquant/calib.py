@@ -105,6 +105,9 @@ def validate(conf) -> int:
     count = check_mix(mix_of(conf), conf.num_samples)
     if conf.get("thinking") not in (None, True, False):
         raise UserError(f"calib.thinking={conf.thinking} is invalid: use null (as each row says), true or false")
+    if conf.path is None:
+        raise UserError("calib.path is not set: point it at your calibration data (calib.path=<file, directory "
+                        "or Hub dataset id>)")
     locate(conf.path)
     return count
 

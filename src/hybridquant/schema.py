@@ -40,8 +40,9 @@ class QuantConf:
 @dataclass
 class CalibConf:
     # package:NAME (shipped corpus) | a .jsonl or .parquet file | a datasets save_to_disk directory |
-    # a Hub dataset id already in the local datasets cache (read offline, never downloaded)
-    path: str = "package:calib.jsonl"
+    # a Hub dataset id already in the local datasets cache (read offline, never downloaded);
+    # null: not set (presets for your data), a one-line error
+    path: Optional[str] = "package:calib.jsonl"
     split: Optional[str] = None       # datasets: the split (null: the only one, or train)
     subset: Optional[str] = None      # Hub datasets: the configuration name (null: the default)
     text_column: str = "text"         # plain-text rows
