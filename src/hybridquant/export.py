@@ -274,6 +274,8 @@ class GroupWriter:
             self.current = group
         if name in self.buffer:
             raise RuntimeError(f"tensor {name} exported twice")
+        if any(t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() for t in self.buffer.values()):
+            tensor = tensor.clone()  # tied embeddings: one tensor under two names, stored as two
         self.buffer[name] = tensor
 
     def flush(self) -> None:

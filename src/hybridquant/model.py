@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from hybridquant import hf_checkpoint, modules
 from hybridquant.compat import cpu as cpu_compat
 from hybridquant.compat.bridge_import import import_auto_bridge, te_available
 
@@ -60,7 +61,8 @@ def select_spec(spec: str):
 def make_provider(hf_path: str, layout, dtype: str, spec: str = "auto", restore_modelopt_state: bool = False,
                   router_dtype: str | None = None):
     """Return (bridge, provider) configured for ``layout`` but not yet built. ``router_dtype='fp32'``
-    runs the MoE router (logits, top-k, expert weighting) in FP32 whatever the model dtype."""
+    runs the MoE router (logits, top-k, expert weighting) in FP32 whatever the model dtype; ``None``
+    keeps megatron-bridge's setting for the model."""
     cpu_compat.apply()
     AutoBridge = import_auto_bridge()
     bridge = AutoBridge.from_hf_pretrained(hf_path, torch_dtype=DTYPES[dtype])
@@ -104,8 +106,10 @@ def _configure(bridge, layout, dtype: str, spec: str, restore_modelopt_state: bo
         # Calibration must see the routing the model really does: no capacity dropping.
         moe_expert_capacity_factor=None,
         restore_modelopt_state=restore_modelopt_state,
-        moe_router_dtype=router_dtype,
     )
+    # null keeps the bridge's choice for the model (Nemotron-H: fp32, as transformers and vLLM route).
+    if router_dtype is not None:
+        settings["moe_router_dtype"] = router_dtype
     for key, value in settings.items():
         setattr(provider, key, value)
     provider.finalize()
@@ -131,11 +135,41 @@ def build_on_meta(provider) -> torch.nn.Module:
 
 
 def load_hf(hf_path: str, layout, dtype: str, spec: str = "auto", router_dtype: str | None = None) -> LoadedModel:
-    """Build the Megatron model for ``layout`` and load the HF weights into it."""
+    """Build the Megatron model for ``layout`` and load the HF weights into it, strictly: every tensor
+    of the checkpoint must be taken by a mapping and every Megatron parameter written (one error line
+    naming them otherwise, on every rank). Collective when the layout has more than one rank."""
+    tensors = hf_checkpoint.CheckpointTensors(hf_path)  # unreadable files fail before anything is built
     bridge, provider = make_provider(hf_path, layout, dtype, spec, router_dtype=router_dtype)
     chunks = build(provider)
+    targets = _mark_unloaded(chunks)
+    from megatron.bridge.models.hf_pretrained.state import StateDict
+
+    bridge.hf_pretrained._state_dict_accessor = StateDict(hf_checkpoint.bridge_source(tensors))
     bridge.load_hf_weights(chunks)
+    if provider.share_embeddings_and_output_weights:
+        hf_checkpoint.account_tied_head(tensors)
+    not_loaded = [name for name, tensor in targets if torch.isnan(tensor).any()]
+    hf_checkpoint.check_complete(tensors, not_loaded, layers=modules.global_layers(chunks[0]))
     return LoadedModel(bridge=bridge, provider=provider, chunks=chunks)
+
+
+def _mark_unloaded(chunks: list) -> list[tuple[str, torch.Tensor]]:
+    """Fill every floating-point parameter and persistent buffer (what the bridge loads) with NaN, so
+    that one the load leaves alone stays recognisable. Returns (name, tensor) for each."""
+    targets = []
+    with torch.no_grad():
+        for chunk in chunks:
+            inner = modules.unwrap(chunk)
+            non_persistent = {f"{m}.{b}" if m else b for m, mod in inner.named_modules()
+                              for b in getattr(mod, "_non_persistent_buffers_set", ())}
+            named = list(inner.named_parameters()) + [(n, b) for n, b in inner.named_buffers()
+                                                      if n not in non_persistent]
+            for name, tensor in named:
+                if "_extra_state" in name or not tensor.is_floating_point():
+                    continue
+                tensor.fill_(float("nan"))
+                targets.append((name, tensor))
+    return targets
 
 
 def causal_inputs(input_ids: torch.Tensor):

@@ -72,6 +72,11 @@ def unwrap(chunk):
     return unwrap_model(chunk)
 
 
+def global_layers(chunk) -> list[int]:
+    """Global indices of the decoder layers a model chunk holds, in order."""
+    return [layer.layer_number - 1 for layer in unwrap(chunk).decoder.layers]
+
+
 def kind_of(module_name: str) -> str | None:
     name = strip_wrappers(module_name)
     for kind, rx in _COMPILED:

@@ -183,14 +183,19 @@ def fail_fast(fn):
     return wrapper
 
 
+def gather_objects(obj) -> list:
+    """``obj`` of every rank, in rank order, on every rank (small picklable objects)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def from_any_rank(obj):
     """The value held by the first rank that has one (others pass None), on every rank.
     For small objects such as probe logits that exist only on the last pipeline stage."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return next((g for g in gathered if g is not None), None)
+    return next((g for g in gather_objects(obj) if g is not None), None)
 
 
 def from_last_stage(value: int) -> int:
@@ -215,6 +220,7 @@ def fault_point(name: str) -> None:
     ``HYBRIDQUANT_FAULT_KIND`` says how: ``raise`` (default: an exception, as a bad file or a failed
     assertion), ``enospc`` (the OSError of a full disk, at ``export.write``), ``kill`` (SIGKILL, as the kernel's OOM killer does) or ``hang`` (blocks outside any
     collective; its peers' collectives then time out after ``cluster.timeout_s``).
+    ``HYBRIDQUANT_FAULT_MARK=<file>``: the rank writes the time (``time.time()``) of the fault there.
     """
     spec = os.environ.get("HYBRIDQUANT_FAULT")
     if not spec:
@@ -223,6 +229,12 @@ def fault_point(name: str) -> None:
     if point != name or int(fault_rank) != rank():
         return
     kind = os.environ.get("HYBRIDQUANT_FAULT_KIND", "raise")
+    mark = os.environ.get("HYBRIDQUANT_FAULT_MARK")
+    if mark:  # when the fault happened, for timing how fast the job then ends
+        import time
+
+        with open(mark, "w") as f:
+            f.write(f"{time.time()}\n")
     if kind == "enospc":
         import errno
 

@@ -85,11 +85,6 @@ def _offsets(chunk) -> tuple[int, int]:
     return layer_offset, expert_offset
 
 
-def global_layers(chunk) -> list[int]:
-    """Global indices of the decoder layers a model chunk holds, in order."""
-    return [layer.layer_number - 1 for layer in modules.unwrap(chunk).decoder.layers]
-
-
 _MASK64 = (1 << 64) - 1
 
 

@@ -30,6 +30,9 @@ when CUDA is absent (``apply()`` is a no-op on a GPU machine):
   as Transformer-Engine ``TELinear(parallel_mode="duplicated")``: without TE, megatron asserts.
   On CPU they are a plain linear with the same full weight on every rank, the same parameter names
   and a replicated checkpoint entry.
+* Tied embeddings under pipeline parallelism: the last stage's copy of the embedding is filled from
+  the first stage by an all-reduce that megatron runs on ``weight.data.cuda()``: on CPU, while that
+  set-up runs, ``Tensor.cuda()`` leaves a CPU tensor where it is.
 * megatron's ``jit_fuser`` is ``torch.compile``: on CPU every new input shape (each calibration
   sample length, each generated token) is compiled by inductor's C++ backend, seconds each (the
   first 6 generation steps of the tiny model: 30 s, against 0.1 s per eager forward). On CPU,
@@ -290,6 +293,22 @@ def _patch_moe_latent_projections() -> None:
         moe_layer.TELinear = _DuplicatedLinear
 
 
+def _patch_tied_embedding_setup() -> None:
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    original = LanguageModule.setup_embeddings_and_output_layer
+
+    def setup_embeddings_and_output_layer(self, *args, **kwargs):
+        real_cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda tensor, *a, **k: tensor
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            torch.Tensor.cuda = real_cuda
+
+    LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+
+
 def _disable_dynamo() -> None:
     import torch._dynamo
 
@@ -312,6 +331,7 @@ def apply() -> bool:
     _patch_moe_alltoall()
     _patch_uneven_collectives()
     _patch_moe_latent_projections()
+    _patch_tied_embedding_setup()
     _disable_dynamo()
     _APPLIED = True
     return True
