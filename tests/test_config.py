@@ -19,11 +19,13 @@ def _groups(repo, group):
 def test_every_recipe_and_model_composes(repo):
     with initialize_config_dir(config_dir=str(repo / "conf"), version_base="1.3"):
         for model in _groups(repo, "model"):
+            # model=auto takes any checkpoint, and its name from the checkpoint's directory
+            path, name = (["model.path=/models/My-Nemotron-H/"], "My-Nemotron-H") if model == "auto" else ([], model)
             for recipe in _groups(repo, "quant"):
-                cfg = compose("quantize", overrides=[f"+quant={recipe}", f"model={model}"])
+                cfg = compose("quantize", overrides=[f"+quant={recipe}", f"model={model}", *path])
                 assert cfg.quant.name == recipe
-                assert cfg.model.name == model
-                assert OmegaConf.to_container(cfg, resolve=True)["run_name"].startswith(model)
+                assert cfg.model.name == name
+                assert OmegaConf.to_container(cfg, resolve=True)["run_name"].startswith(name)
                 assert recipes.modelopt_config(cfg.quant)["quant_cfg"]
 
 

@@ -96,12 +96,12 @@ def test_bfloat16_models_are_wrapped_and_still_calibrate_save_and_load(tiny_chec
     helper that walks the decoder, and checkpoint loading, must see through it."""
     import modelopt.torch.quantization as mtq
 
-    from hybridquant import checkpoint, coverage, model, quantization
+    from hybridquant import checkpoint, coverage, model, modules, quantization
 
     loaded = model.load_hf(str(tiny_checkpoint), world1, "bfloat16")
     chunk = loaded.chunks[0]
     assert type(chunk).__name__ == "Float16Module"
-    assert quantization.global_layers(chunk) == list(range(12))
+    assert modules.global_layers(chunk) == list(range(12))
     with coverage.ExpertCoverage(loaded.chunks, all_experts=False) as cov:
         quantization.quantize(loaded.chunks, mtq.MAMBA_MOE_FP8_CONSERVATIVE_CFG, [torch.tensor([[5, 6, 7, 8]])])
     assert cov.counts

@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from hybridquant import model, modules, parallel, quantization, recipes
+from hybridquant import model, modules, parallel, quantization, recipes, source
 
 DTYPE_LABEL = {"bfloat16": "BF16", "float16": "FP16", "float32": "FP32"}
 LAYER_TYPES = {"M": "Mamba", "*": "Attention", "E": "MoE", "-": "MLP"}
@@ -74,12 +74,19 @@ def build(recipe: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> RecipeTabl
     from hybridquant import tiny
     from hybridquant.compat import patch_modelopt
 
-    arch = dict(model_cfg["arch"])
+    if model_cfg.get("arch"):  # a named model: its declared architecture, no checkpoint needed
+        arch, hf_config = dict(model_cfg["arch"]), tiny.hf_config(model_cfg["arch"])
+        dtype = model_cfg.get("dtype", "bfloat16")
+    else:  # model=auto: the checkpoint's config.json
+        from transformers import AutoConfig
+
+        prepared, checkpoint_cfg = source.prepare(dict(model_cfg))
+        arch, dtype = source.architecture(prepared, checkpoint_cfg), prepared["dtype"]
+        hf_config = AutoConfig.from_pretrained(str(source.resolve(prepared)))
     pattern = arch["hybrid_override_pattern"]
-    dtype = model_cfg.get("dtype", "bfloat16")
-    router_dtype = recipes.router_dtype(recipe)
-    provider = model.provider_from_config(tiny.hf_config(arch), parallel.Layout(), dtype, "local",
-                                          router_dtype=router_dtype)
+    provider = model.provider_from_config(hf_config, parallel.Layout(), dtype, "local",
+                                          router_dtype=recipes.router_dtype(recipe))
+    router_dtype = provider.moe_router_dtype  # the recipe's, else the bridge's for the model
     net = model.build_on_meta(provider)
     patch_modelopt()
     with torch.no_grad():

@@ -15,7 +15,8 @@ and states only what it changes. The options compose with any preset:
 * ``keep_bf16``: module kinds left unquantized in some layers, e.g. the Mamba layers adjacent to an
   attention layer. Layers are derived from the model's hybrid pattern and translated to the
   rank-local layer indices ModelOpt sees (pipeline stages number their layers from 0).
-* ``router_dtype``: ``fp32`` runs the MoE router (logits, top-k, expert weighting) in FP32.
+* ``router_dtype``: ``fp32`` runs the MoE router (logits, top-k, expert weighting) in FP32; ``null``
+  keeps megatron-bridge's setting for the model (fp32 for Nemotron-H, as transformers and vLLM route).
 * ``overrides``: raw ModelOpt ``quant_cfg`` entries, appended last (later entries win).
 """
 

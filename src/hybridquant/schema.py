@@ -15,7 +15,7 @@ class ModelConf:
     name: str = MISSING
     path: Optional[str] = None        # local dir or hub id; None materialises `arch` from `seed`
     seed: int = 0
-    dtype: str = "bfloat16"           # float32 | bfloat16 | float16
+    dtype: str = "bfloat16"           # float32 | bfloat16 | float16 | auto (the checkpoint's)
     spec: str = "auto"                # auto | te | local (TE-free)
     arch: Dict[str, Any] = field(default_factory=dict)  # HF config.json architecture fields
     train: Optional[Dict[str, Any]] = None  # with path null: train the materialised model (hybridquant.train)
@@ -33,7 +33,7 @@ class QuantConf:
     activations: Optional[str] = None  # FP8 activations: dynamic_per_token | static_per_tensor | null
     algorithm: Optional[Any] = None   # max | mse | null (the preset's)
     keep_bf16: List[Any] = field(default_factory=list)  # [{kinds: [...], layers: adjacent_to_attention | [i, ...]}]
-    router_dtype: Optional[str] = None  # fp32 | null (the model dtype)
+    router_dtype: Optional[str] = None  # fp32 | null (megatron-bridge's for the model: fp32 for Nemotron-H)
     overrides: List[Any] = field(default_factory=list)
 
 
@@ -222,9 +222,10 @@ class ReleaseConf:
 def register() -> None:
     from omegaconf import OmegaConf
 
-    from hybridquant import cluster
+    from hybridquant import cluster, source
 
     OmegaConf.register_new_resolver("launch_suffix", cluster.launch_suffix, replace=True)
+    OmegaConf.register_new_resolver("checkpoint_name", source.checkpoint_name, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="quantize_schema", node=QuantizeConf)
     cs.store(name="release_schema", node=ReleaseConf)

@@ -4,6 +4,11 @@
 ``model=tiny_trained``); a local directory is used as is; any
 other string is a Hub id, resolved through the local Hugging Face cache (clusters pre-download;
 nothing here downloads).
+
+``model=auto`` (``conf/model/auto.yaml``) names no architecture: any Nemotron-H checkpoint given by
+``model.path`` is taken with the architecture its config.json declares, its run named after the
+directory, its dtype the checkpoint's. The named configs keep refusing a checkpoint that is another
+model.
 """
 
 from __future__ import annotations
@@ -64,8 +69,56 @@ def check_identity(model_cfg: Mapping[str, Any], hf_cfg: Mapping[str, Any]) -> N
     for key in IDENTITY_FIELDS:
         if key in arch and key in hf_cfg and arch[key] != hf_cfg[key]:
             raise UserError(
-                f"checkpoint is not {model_cfg['name']}: {key} is {hf_cfg[key]!r}, the model config says {arch[key]!r}"
+                f"checkpoint is not {model_cfg['name']}: {key} is {hf_cfg[key]!r}, the model config says {arch[key]!r} "
+                f"(model=auto model.path=DIR takes any Nemotron-H checkpoint with the architecture it declares)"
             )
+
+
+def config_dict(node) -> dict[str, Any]:
+    """A Hydra ``model`` node as a plain dict; a mandatory value left unset is a one-line error."""
+    from omegaconf import OmegaConf
+
+    for key in ("path", "name"):
+        if OmegaConf.is_missing(node, key):
+            raise UserError(f"model.{key} must be set (model=auto needs model.path=<checkpoint directory or Hub id>)")
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def prepare(model_cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The model config with ``dtype: auto`` resolved, and the checkpoint's config.json (None for the
+    embedded tiny model, which is materialised later, once): what a stage plans with, before any
+    process group exists. A checkpoint that is not the named model is refused here."""
+    model_cfg = dict(model_cfg)
+    hf_cfg = None
+    if model_cfg.get("path") is not None:
+        hf_cfg = read_config(resolve(model_cfg))
+        check_identity(model_cfg, hf_cfg)
+    elif not model_cfg.get("arch"):
+        raise UserError(f"model.path must be set (model=auto needs model.path=<checkpoint directory or Hub id>: "
+                        f"model {model_cfg.get('name')!r} names no architecture)")
+    if model_cfg.get("dtype", "auto") == "auto":
+        model_cfg["dtype"] = checkpoint_dtype(hf_cfg or {})
+    return model_cfg, hf_cfg
+
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def checkpoint_dtype(hf_cfg: Mapping[str, Any]) -> str:
+    """The dtype a checkpoint declares (transformers writes ``dtype``, older ones ``torch_dtype``)."""
+    value = hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "bfloat16"
+    value = str(value).removeprefix("torch.")
+    if value not in DTYPE_NAMES:
+        raise UserError(f"the checkpoint's config.json declares dtype {value!r}; set model.dtype to one of "
+                        f"{', '.join(DTYPE_NAMES)}")
+    return value
+
+
+def checkpoint_name(path: str | None) -> str:
+    """A run name for a checkpoint: its directory's name (a Hub id's repository name)."""
+    if not path:
+        return "auto"
+    return Path(str(path).rstrip("/")).name or "auto"
 
 
 def architecture(model_cfg: Mapping[str, Any], hf_cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:

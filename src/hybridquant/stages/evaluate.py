@@ -90,14 +90,12 @@ def plan(cfg: DictConfig, world_size: int | None = None) -> Plan:
     entries = [_entry(p) for p in paths]
     _unique_labels(entries)
 
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") is not None else None
+    model_cfg = source.config_dict(cfg.model) if cfg.get("model") is not None else None
     if model_cfg is not None:
+        model_cfg, hf_cfg = source.prepare(model_cfg)
         name, dtype, spec = model_cfg["name"], model_cfg["dtype"], model_cfg.get("spec", "auto")
-        if model_cfg.get("path") is not None:
-            reference = source.resolve(model_cfg)
-            source.check_identity(model_cfg, source.read_config(reference))
-        else:
-            reference = None  # materialised (or trained) after the checks, once
+        # None: materialised (or trained) after the checks, once
+        reference = source.resolve(model_cfg) if hf_cfg is not None else None
     else:
         megatron = [e for e in entries if e.kind == "megatron"]
         if not megatron:

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from hybridquant import (calib, checkpoint, coverage, forward, memory, model, parallel, quantization, recipes,
-                         reporting, rundir, source)
+from hybridquant import (calib, checkpoint, coverage, forward, memory, model, modules, parallel, quantization,
+                         recipes, reporting, rundir, source)
 from hybridquant.errors import UserError
 
 log = logging.getLogger("hybridquant.quantize")
@@ -42,7 +42,7 @@ class Plan:
 
     def local_config(self, chunk) -> dict:
         """The ModelOpt config for this rank's layers (per-layer rules use rank-local indices)."""
-        return recipes.modelopt_config(self.recipe, self.pattern, quantization.global_layers(chunk))
+        return recipes.modelopt_config(self.recipe, self.pattern, modules.global_layers(chunk))
 
 
 @dataclass
@@ -67,11 +67,7 @@ def layout_from(cfg: DictConfig, world_size: int | None = None) -> parallel.Layo
 def plan(cfg: DictConfig, layout: parallel.Layout | None = None) -> Plan:
     recipe = recipes.require_recipe(cfg)
     layout = layout or layout_from(cfg)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    hf_cfg = None
-    if model_cfg.get("path") is not None:
-        hf_cfg = source.read_config(source.resolve(model_cfg))
-        source.check_identity(model_cfg, hf_cfg)
+    model_cfg, hf_cfg = source.prepare(source.config_dict(cfg.model))
     arch = source.architecture(model_cfg, hf_cfg)
     parallel.validate(layout, arch)
     calib.validate(cfg.calib)
@@ -91,7 +87,7 @@ def calibrate(cfg: DictConfig, p: Plan) -> Calibrated:
     timings = {}
     t = time.perf_counter()
     hf_path = source.resolve(p.model_cfg)
-    loaded = model.load_hf(str(hf_path), p.layout, cfg.model.dtype, cfg.model.spec,
+    loaded = model.load_hf(str(hf_path), p.layout, p.model_cfg["dtype"], p.model_cfg["spec"],
                            router_dtype=recipes.router_dtype(p.recipe))
     timings["load_s"] = time.perf_counter() - t
 
@@ -134,8 +130,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     t = time.perf_counter()
     partial, final = run_dir / "checkpoint.partial", run_dir / "checkpoint"
     metadata = {"model": p.model_cfg["name"], "source": str(result.hf_path), "recipe": p.recipe.name,
-                "layout": reporting.layout_dict(p.layout), "dtype": cfg.model.dtype,
-                "router_dtype": recipes.router_dtype(p.recipe)}
+                "layout": reporting.layout_dict(p.layout), "dtype": p.model_cfg["dtype"],
+                "router_dtype": result.loaded.provider.moe_router_dtype}
     checkpoint.save(result.loaded.chunks, partial, str(result.hf_path), metadata)
     result.timings["save_s"] = time.perf_counter() - t
     result.timings["total_s"] = time.perf_counter() - t_start
