@@ -16,6 +16,8 @@ def remove_if_empty(run_dir: Path, stop: Path) -> None:
             return
         try:
             directory.rmdir()  # only succeeds when empty
+        except FileNotFoundError:
+            continue  # another rank removed it first: its parents may still be left to remove
         except OSError:
             return
 
