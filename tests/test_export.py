@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import hf_reader
+import weight_only
 from launch import error_lines, run_stage
 
 pytestmark = pytest.mark.distributed
@@ -45,20 +46,6 @@ def exported(quantized, tmp_path_factory):
             done[key] = (run_dir, out, proc)
         return done[key]
     return get
-
-
-def _weight_only_megatron_logits(run_dir, world, input_ids):
-    """The quantized Megatron model's logits with only its weight quantizers on: what the exported
-    weights alone must reproduce (activation and KV-cache quantization happen in the serving engine)."""
-    from modelopt.torch.quantization.nn import TensorQuantizer
-
-    from hybridquant import checkpoint, forward
-
-    loaded, _ = checkpoint.load_quantized(run_dir / "checkpoint", world)
-    for name, module in loaded.module.named_modules():
-        if isinstance(module, TensorQuantizer) and not name.endswith("weight_quantizer"):
-            module.disable()
-    return forward.run(loaded.chunks, [input_ids], loaded.hf_vocab_size)[0]
 
 
 @pytest.mark.parametrize("key", list(RECIPES))
@@ -108,7 +95,7 @@ def test_independent_reader_reproduces_the_fake_quant_logits(key, exported, worl
 
     probe = torch.load(run_dir / "probe.pt")
     ids = probe["input_ids"]
-    reference = _weight_only_megatron_logits(run_dir, world1, ids)
+    reference = weight_only.logits(run_dir, world1, ids)
     with torch.no_grad():
         logits = model(ids, use_cache=False).logits
     rel = ((logits - reference).norm() / reference.norm()).item()

@@ -27,6 +27,7 @@ from safetensors import safe_open
 
 import hf_reader
 import variants
+import weight_only
 from hybridquant import hf_reference
 from launch import run_stage
 
@@ -40,18 +41,6 @@ QUANTIZED_BOUND = 0.6      # reader vs transformers on the source: FP8 error on 
 
 def _rel(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
-
-
-def _weight_only_logits(run_dir, world, ids):
-    from modelopt.torch.quantization.nn import TensorQuantizer
-
-    from hybridquant import checkpoint, forward
-
-    loaded, _ = checkpoint.load_quantized(run_dir / "checkpoint", world)
-    for name, module in loaded.module.named_modules():
-        if isinstance(module, TensorQuantizer) and not name.endswith("weight_quantizer"):
-            module.disable()
-    return forward.run(loaded.chunks, [ids], loaded.hf_vocab_size)[0]
 
 
 @pytest.mark.parametrize("name", list(variants.VARIANTS))
@@ -80,10 +69,10 @@ def test_variant_quantizes_exports_and_reads_back(name, world1, tmp_path):
     reader, _ = hf_reader.build_model(out, tmp_path / "dequantized", max_seq_len=ids.shape[1])
     with torch.no_grad():
         exported = reader(ids, use_cache=False).logits
-    weight_only = _weight_only_logits(run_dir, world1, ids)
+    megatron_weight_only = weight_only.logits(run_dir, world1, ids)
 
     loaded_vs_source = _rel(probe["logits_before"], source_logits)
-    export_vs_megatron = _rel(exported, weight_only)
+    export_vs_megatron = _rel(exported, megatron_weight_only)
     export_vs_source = _rel(exported, source_logits)
     top1 = float((exported.argmax(-1) == source_logits.argmax(-1)).float().mean())
     print(f"{name} ({' '.join(layout)}, {dtype}): loaded vs transformers {loaded_vs_source:.2e}; export (reader) "

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from hybridquant import (calib, checkpoint, coverage, forward, memory, model, modules, parallel, quantization,
                          recipes, reporting, rundir, source)
