@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/calibration_throughput.py                      # bench_medium, FP8 conservative
     .venv/bin/python bench/calibration_throughput.py --samples 32 --threads 2 --recipe mamba_moe_fp8_aggressive
+    .venv/bin/python bench/calibration_throughput.py --long --seq-len 4096 --samples 2   # 4,096-token samples
 
 Same model (conf/model/bench_medium.yaml, ~58M parameters, pattern MEMEM*EMEM*E), same ModelOpt
 config (the recipe's, ``recipes.modelopt_config``), same calibration samples (``calib.load``), same
@@ -24,6 +25,12 @@ timed around ``calib.load``), forward with every quantizer disabled (the same ba
 calibration), quantizer statistics (calibrated forwards minus that), setup + amax sync (the rest of
 ``mtq.quantize``), communication (every torch.distributed collective, timed by wrapping them;
 includes waiting for the peer).
+
+``--long``: every sample is exactly ``--seq-len`` tokens (shipped text rows concatenated, each sample
+starting at another row, then truncated), e.g. 4,096-token samples; by default samples are the
+shipped rows, truncated to ``--seq-len``. The Mamba scan is whatever ``HYBRIDQUANT_MAMBA_SCAN``
+selects (``chunked`` by default, ``sequential`` for mamba_ssm's reference loop: docs/compat.md); the
+report prints it.
 """
 
 from __future__ import annotations
@@ -63,8 +70,25 @@ def compose(overrides: list[str]):
 
 
 def overrides(args) -> list[str]:
-    return [f"+quant={args.recipe}", f"model={args.model}", f"calib.num_samples={args.samples}",
-            f"calib.max_seq_len={args.seq_len}"]
+    out = [f"+quant={args.recipe}", f"model={args.model}", f"calib.num_samples={args.samples}",
+           f"calib.max_seq_len={args.seq_len}"]
+    return out + ([f"calib.path={args.calib_path}"] if args.calib_path else [])
+
+
+def long_samples(path: Path, count: int, tokens: int) -> None:
+    """``count`` samples of at least ``tokens`` bytes (the byte-level tokenizer: at least as many tokens):
+    shipped text rows concatenated, each sample starting at another row."""
+    from hybridquant import calib
+
+    rows = [r["text"] for r in calib.read_jsonl(calib.resolve_path("package:calib.jsonl"))]
+    with open(path, "w", encoding="utf-8") as f:
+        for k in range(count):
+            parts, size, i = [], 0, k * 97
+            while size <= tokens:
+                parts.append(rows[i % len(rows)])
+                size += len(rows[i % len(rows)].encode("utf-8")) + 2
+                i += 1
+            f.write(json.dumps({"id": f"long-{k}", "domain": "long", "text": "\n\n".join(parts)}) + "\n")
 
 
 # --- FLOPs ---------------------------------------------------------------------------------------
@@ -167,6 +191,7 @@ class ForwardTimer:
             handle.remove()
 
 
+SCAN_RANGE = "hybridquant.mamba_scan"  # hybridquant.compat.cpu.SCAN_RANGE (the megatron workers only)
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
 
 
@@ -176,11 +201,14 @@ def forward_profile(run_forwards) -> dict:
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         run_forwards()
-    events = [(e.key, e.self_cpu_time_total / 1e6) for e in prof.key_averages()]
+    averages = prof.key_averages()
+    events = [(e.key, e.self_cpu_time_total / 1e6) for e in averages]
     total = sum(t for _, t in events)
     gemm = sum(t for k, t in events if k in GEMM_OPS)
+    # the Mamba scan (conv1d included), inclusive of the operators it calls: compat/cpu.py's profiler range
+    scan = sum(e.cpu_time_total for e in averages if e.key == SCAN_RANGE) / 1e6
     others = sorted(((k, t) for k, t in events if k not in GEMM_OPS), key=lambda kt: -kt[1])[:4]
-    return {"total_s": total, "gemm_s": gemm, "top_other": others}
+    return {"total_s": total, "gemm_s": gemm, "scan_s": scan, "top_other": others}
 
 
 def disable_quantizers(model) -> int:
@@ -313,7 +341,8 @@ def run_worker(kind: str, args, tmp: Path, nproc: int = 1, layout: list[str] | N
 
     out = tmp / f"{kind}-{nproc}.json"
     worker = ["--worker", kind, "--out", str(out), "--model", args.model, "--recipe", args.recipe,
-              "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--", *(layout or [])]
+              "--samples", str(args.samples), "--seq-len", str(args.seq_len),
+              *(["--calib-path", args.calib_path] if args.calib_path else []), "--", *(layout or [])]
     if kind == "megatron":
         torchrun(nproc, Path(__file__), worker, threads=args.threads)
     else:
@@ -348,6 +377,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (OMP_NUM_THREADS)")
+    parser.add_argument("--long", action="store_true", help="every sample exactly --seq-len tokens (rows concatenated)")
+    parser.add_argument("--calib-path", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=["megatron", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("layout", nargs="*", help=argparse.SUPPRESS)
@@ -361,10 +392,16 @@ def main() -> None:
 
     hf_dir = materialize(args.model)
     hf_config = source.read_config(hf_dir)
-    print(f"machine: {load_average()} at start; {args.threads} thread(s) per process")
+    from hybridquant.compat import ssd
+
+    print(f"machine: {load_average()} at start; {args.threads} thread(s) per process; Mamba scan {ssd.mode()} "
+          f"(${ssd.ENV})")
     peak = {1: gemm_peak_gflops(args.threads), 2: gemm_peak_gflops(2 * args.threads)}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        if args.long:
+            args.calib_path = str(tmp / "long.jsonl")
+            long_samples(Path(args.calib_path), args.samples, args.seq_len)
         hf = run_worker("hf", args, tmp)[0]
         meg = run_worker("megatron", args, tmp)
         meg2 = run_worker("megatron", args, tmp, nproc=2, layout=["parallel.ep=2"])
@@ -409,10 +446,12 @@ def main() -> None:
             for r in rows:
                 print(f"  {name}{rank_tag(r, rows)}: "
                       f"{breakdown(r, clock)}")
-    print("inside the forward (quantizers off, torch.profiler self CPU time): GEMM share, largest other operators:")
+    print("inside the forward (quantizers off, torch.profiler self CPU time): GEMM share (all matmuls), Mamba "
+          "conv1d + scan (inclusive, its matmuls too), largest other operators:")
     for name, r in (("transformers", hf), ("hybridquant 1 rank", m), ("hybridquant EP2 rank 0", meg2[0])):
         prof = r["profile"]
-        print(f"  {name}: GEMM {prof['gemm_s'] / prof['total_s']:.0%} of {prof['total_s']:.2f} s; "
+        scan = f", Mamba conv1d + scan {prof['scan_s'] / prof['total_s']:.0%}" if prof.get("scan_s") else ""
+        print(f"  {name}: GEMM {prof['gemm_s'] / prof['total_s']:.0%} of {prof['total_s']:.2f} s{scan}; "
               + ", ".join(f"{k} {t / prof['total_s']:.0%}" for k, t in prof["top_other"]))
     print(f"machine: {load_average()} at end")
 

@@ -9,13 +9,17 @@ when CUDA is absent (``apply()`` is a no-op on a GPU machine):
 * The MoE all-to-all dispatcher records CUDA streams/events: on CPU they are inert singletons.
 * ``mamba_ssm``/``causal_conv1d`` ship their fused kernels as CUDA/Triton code but also pure-torch
   reference implementations of the same functions (``*_ref``). Megatron's ``MambaMixer`` calls the
-  kernels through module globals; on CPU those globals point at the reference ops.
+  kernels through module globals; on CPU those globals point at stand-ins that run the Mamba2 scan
+  chunked (``compat/ssd.py``: matrix form, batched matmuls) or, with
+  ``HYBRIDQUANT_MAMBA_SCAN=sequential``, the packages' reference ops (``mamba_split_conv1d_scan_ref``,
+  a Python loop over positions; ~100x slower, the same result within float32 rounding).
 * Its static-batching inference path (prefill, then one token per step) calls mamba_ssm's Triton
   ``mamba_chunk_scan_combined`` for the prompt's final state and megatron's own Triton
-  ``selective_state_update`` / ``causal_conv1d_update`` for a step: on CPU they are
-  ``selective_scan_ref`` (which returns the final state), ``selective_state_update_ref`` and
-  ``causal_conv1d_update_ref``, one token at a time. The dynamic-batching arguments (state indices,
-  intermediate states, packed sequences) are refused.
+  ``selective_state_update`` / ``causal_conv1d_update`` for a step: on CPU the prefill is the same
+  chunked scan (or ``selective_scan_ref``, which returns the final state, when sequential is
+  selected) and a step is ``selective_state_update_ref`` and ``causal_conv1d_update_ref``, one token
+  at a time. The dynamic-batching arguments (state indices, intermediate states, packed sequences)
+  are refused.
 * ``HybridStack.final_norm`` and ModelOpt's TE-free hybrid spec instantiate Transformer-Engine norms
   unconditionally: on CPU they use megatron's own ``WrappedTorchNorm`` (same RMSNorm maths, same
   parameter name ``weight``).
@@ -46,6 +50,8 @@ import sys
 import types
 
 import torch
+
+from hybridquant.compat import ssd
 
 _APPLIED = False
 
@@ -124,19 +130,37 @@ def _patch_mamba_kernels_before_import() -> None:
     layernorm_gated.RMSNorm.forward = gated_rms_norm_forward
 
 
+SCAN_RANGE = "hybridquant.mamba_scan"  # profiler range around megatron's calls of the scan (conv1d included)
+
+
+def _cpu_scan_mode() -> str:
+    mode = ssd.mode()
+    if mode == "kernels":
+        raise RuntimeError(f"{ssd.ENV}=kernels: mamba_ssm's Triton kernels need CUDA; use chunked or sequential")
+    return mode
+
+
 def _patch_mamba_mixer() -> None:
     import megatron.core.ssm.mamba_mixer as mamba_mixer
     from mamba_ssm.ops.triton import ssd_combined
 
-    def split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,
-                          activation="silu", headdim=None, ngroups=1, norm_before_gate=True,
-                          seq_idx=None, **_unused):
-        if seq_idx is not None:
-            raise NotImplementedError("packed sequences need the CUDA mamba kernels")
-        return ssd_combined.mamba_split_conv1d_scan_ref(
-            zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, activation=activation,
-            headdim=headdim, ngroups=ngroups, norm_before_gate=norm_before_gate,
-        )
+    def split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states=None,
+                          seq_idx=None, dt_limit=(0.0, float("inf")), return_final_states=False, activation="silu",
+                          rmsnorm_weight=None, rmsnorm_eps=1e-6, outproj_weight=None, outproj_bias=None,
+                          headdim=None, ngroups=1, norm_before_gate=True, **_unused):
+        kwargs = dict(dt_limit=dt_limit, activation=activation, rmsnorm_weight=rmsnorm_weight,
+                      rmsnorm_eps=rmsnorm_eps, outproj_weight=outproj_weight, outproj_bias=outproj_bias,
+                      headdim=headdim, ngroups=ngroups, norm_before_gate=norm_before_gate)
+        with torch.profiler.record_function(SCAN_RANGE):
+            if _cpu_scan_mode() == "chunked":
+                return ssd.split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,
+                                             initial_states=initial_states, seq_idx=seq_idx,
+                                             return_final_states=return_final_states, **kwargs)
+            if seq_idx is not None or initial_states is not None or return_final_states:
+                raise NotImplementedError("packed sequences and initial/final states need the chunked scan "
+                                          "or the CUDA mamba kernels")
+            return ssd_combined.mamba_split_conv1d_scan_ref(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D,
+                                                            chunk_size, **kwargs)
 
     mamba_mixer.mamba_split_conv1d_scan_combined = split_conv1d_scan
     mamba_mixer.causal_conv1d_fn = None  # the mixer then runs its own nn.Conv1d
@@ -151,9 +175,20 @@ def _patch_mamba_inference() -> None:
 
     def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
                    seq_idx=None, cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
-                   return_final_states=False, return_varlen_states=False):
-        if initial_states is not None or seq_idx is not None or return_varlen_states or dt_limit != (0.0, float("inf")):
-            raise NotImplementedError("initial states, packed sequences and dt limits need the CUDA mamba kernels")
+                   return_final_states=False, return_varlen_states=False, **_unused):
+        if seq_idx is not None or cu_seqlens is not None or return_varlen_states:
+            raise NotImplementedError("packed sequences need the CUDA mamba kernels")
+        with torch.profiler.record_function(SCAN_RANGE):
+            if _cpu_scan_mode() == "chunked":
+                return ssd.chunk_scan(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
+                                      dt_softplus=dt_softplus, dt_limit=dt_limit, initial_states=initial_states,
+                                      return_final_states=return_final_states)
+            if initial_states is not None or dt_limit != (0.0, float("inf")):
+                raise NotImplementedError("initial states and dt limits need the chunked scan or the CUDA mamba "
+                                          "kernels")
+            return sequential_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, return_final_states)
+
+    def sequential_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, return_final_states):
         headdim, dstate = x.shape[-1], B.shape[-1]
         if D is not None:  # per head, or per head and channel
             D = (rearrange(D, "h p -> (h p)") if D.dim() == 2 else repeat(D, "h -> (h p)", p=headdim)).float()
@@ -309,6 +344,19 @@ def _patch_tied_embedding_setup() -> None:
     LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
 
 
+def _select_gpu_mamba_scan() -> None:
+    """On GPU megatron keeps mamba_ssm's Triton kernels unless ``HYBRIDQUANT_MAMBA_SCAN=chunked``."""
+    if ssd.mode(default="kernels") != "chunked":
+        return
+    import megatron.core.ssm.mamba_mixer as mamba_mixer
+
+    if getattr(mamba_mixer, "_hybridquant_chunked_scan", False):
+        return
+    mamba_mixer.mamba_split_conv1d_scan_combined = ssd.split_conv1d_scan
+    mamba_mixer.mamba_chunk_scan_combined = ssd.chunk_scan
+    mamba_mixer._hybridquant_chunked_scan = True
+
+
 def _disable_dynamo() -> None:
     import torch._dynamo
 
@@ -321,6 +369,7 @@ def apply() -> bool:
     if _APPLIED:
         return True
     if torch.cuda.is_available():
+        _select_gpu_mamba_scan()
         return False
     _patch_torch_cuda()
     _patch_mamba_kernels_before_import()
