@@ -87,8 +87,9 @@ def _decay(segment: torch.Tensor, dtype: torch.dtype, mask: torch.Tensor | None 
     return torch.exp(segment.masked_fill_(drop, float("-inf")))
 
 
-def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
-               dt_limit=NO_LIMIT, initial_states=None, return_final_states=False):
+def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
+               cu_seqlens=None, dt_softplus=False, dt_limit=NO_LIMIT, return_final_states=False,
+               return_varlen_states=False, state_dtype=None):
     """The Mamba2 selective scan, chunked.
 
     x: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads); A: (nheads,);
@@ -97,8 +98,12 @@ def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_soft
     dt is processed as mamba_ssm does: + dt_bias, softplus if ``dt_softplus``, clamped to ``dt_limit``
     when that is not (0, inf).
     Returns out (batch, seqlen, nheads, headdim) in x's dtype, and with ``return_final_states`` the
-    state after the last position (batch, nheads, headdim, dstate), float32 (float64 for float64 x).
+    state after the last position (batch, nheads, headdim, dstate), float32 (float64 for float64 x)
+    unless ``state_dtype`` is given. The signature is mamba_ssm's ``mamba_chunk_scan_combined``;
+    packed sequences (``seq_idx``, ``cu_seqlens``, varlen states) are refused.
     """
+    if seq_idx is not None or cu_seqlens is not None or return_varlen_states:
+        raise NotImplementedError("packed sequences (seq_idx, cu_seqlens) need the CUDA mamba kernels")
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[-2:]
     if nheads % ngroups:
@@ -159,7 +164,7 @@ def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_soft
     W = _decay(s.unsqueeze(-1) - s.unsqueeze(-2), work, lower)
     H = torch.matmul(W, S.permute(0, 2, 1, 3, 4).reshape(batch, nheads, chunks + 1, headdim * dstate))
     H = H.view(batch, nheads, chunks + 1, headdim, dstate)
-    final = H[:, :, -1]                                                           # b h p n
+    final = H[:, :, -1] if state_dtype is None else H[:, :, -1].to(state_dtype)   # b h p n
     start = H[:, :, :-1].permute(0, 2, 1, 3, 4)                                   # b c h p n
 
     # 4. what the incoming state contributes: exp(a_i) C_i . h_start
@@ -192,7 +197,7 @@ def causal_conv1d(x, weight, bias=None, activation=None):
 def split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states=None,
                       seq_idx=None, dt_limit=NO_LIMIT, return_final_states=False, activation="silu",
                       rmsnorm_weight=None, rmsnorm_eps=1e-6, outproj_weight=None, outproj_bias=None,
-                      headdim=None, ngroups=1, norm_before_gate=True, **_unused):
+                      headdim=None, ngroups=1, norm_before_gate=True, state_dtype=None, **_unused):
     """What mamba_ssm's ``mamba_split_conv1d_scan_combined`` computes (megatron's training/calibration
     forward): split z | xBC | dt, causal conv1d + activation on xBC, chunked scan with dt softplus,
     z gating, optional output projection. zxbcdt: (batch, seqlen, 2 dim + 2 ngroups dstate + nheads)."""
@@ -219,6 +224,7 @@ def split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_s
         B.reshape(batch, seqlen, ngroups, dstate), C.reshape(batch, seqlen, ngroups, dstate), chunk_size,
         D=D.float(), z=z.reshape(batch, seqlen, nheads, headdim), dt_bias=dt_bias, dt_softplus=True,
         dt_limit=dt_limit, initial_states=initial_states, return_final_states=return_final_states,
+        state_dtype=state_dtype,
     )
     out, final = result if return_final_states else (result, None)
     out = out.reshape(batch, seqlen, dim)
