@@ -25,7 +25,7 @@ release: setup
 ## The test suite (what CI runs): one worker per core, each test file on one worker.
 WORKERS ?= 2
 test: setup
-	.venv/bin/python -m pytest tests -n $(WORKERS) --dist loadfile
+	.venv/bin/python -m pytest tests -n $(WORKERS) --dist loadfile --durations=25
 
 test-fast: setup
 	.venv/bin/python -m pytest tests -m "not distributed and not slow"

@@ -81,7 +81,8 @@ def test_static_nvfp4_block_scales_split_over_ranks_reload_whole(quantized, worl
     from hybridquant import checkpoint, quantization
 
     loaded, meta = checkpoint.load_quantized(run_dir / "checkpoint", world1)
-    assert meta["router_dtype"] is None and meta["layout"]["etp"] == 2
+    # the routing precision the model ran with is recorded: megatron-bridge's FP32 for Nemotron-H
+    assert meta["router_dtype"] == "fp32" and meta["layout"]["etp"] == 2
     restored = quantization.inventory(loaded.chunks)
     blocks = [r for r in restored if r.blocks is not None]
     assert len(blocks) == 2 * 5 * 8  # fc1 and fc2 of the 8 experts of the 5 MoE layers

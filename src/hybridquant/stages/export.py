@@ -79,8 +79,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             _print_summary(out, manifest, layout, rss, timings)
         parallel.barrier()
     except (OSError, SafetensorError) as exc:  # a full disk, or a peer rank removed the failed export
+        cause = (getattr(exc, "strerror", None) or str(exc)) if tmp.is_dir() else \
+            "another rank failed first and removed the partial export"
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"writing the export to {out} failed: {getattr(exc, 'strerror', None) or exc}") from exc
+        raise UserError(f"writing the export to {out} failed: {cause}") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
