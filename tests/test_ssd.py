@@ -204,6 +204,18 @@ def test_mode_is_chosen_by_the_environment_and_by_use(monkeypatch):
     monkeypatch.setenv(ssd.ENV, "fast")
     with pytest.raises(ValueError, match=ssd.ENV):
         ssd.mode()
+    import megatron.core.ssm.mamba_mixer as mamba_mixer
+
+    t = inputs(1, 5)
+    with ssd.use("kernels"), pytest.raises(RuntimeError, match="need CUDA"):
+        mamba_mixer.mamba_chunk_scan_combined(t["x"], t["dt"], t["A"], t["B"], t["C"], CHUNK)
+    with ssd.use("chunked"):
+        out, state = mamba_mixer.mamba_chunk_scan_combined(t["x"], t["dt"], t["A"], t["B"], t["C"], CHUNK,
+                                                           return_final_states=True)
+    assert state.dtype == torch.float32 and out.shape == t["x"].shape
+    _, half = ssd.chunk_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], CHUNK, return_final_states=True,
+                             state_dtype=torch.float16)
+    assert half.dtype == torch.float16 and torch.equal(half, state.half())
 
 
 def test_tiny_model_logits_unchanged_by_the_chunked_scan(world1, tiny_checkpoint):
