@@ -194,9 +194,17 @@ def check_complete(tensors: CheckpointTensors, not_loaded: list[str], layers: li
     taken by no rank or any rank has a parameter the load did not write. Collective."""
     from hybridquant import parallel
 
-    local = {"consumed": sorted(tensors.consumed), "not_loaded": [_global_name(n, layers) for n in not_loaded]}
+    names = tensors.keys()  # the same sorted list on every rank: consumption travels as a bit mask
+    mask = bytearray((len(names) + 7) // 8)
+    for i, name in enumerate(names):
+        if name in tensors.consumed:
+            mask[i // 8] |= 1 << (i % 8)
+    local = {"consumed": bytes(mask), "not_loaded": [_global_name(n, layers) for n in not_loaded]}
     views = parallel.gather_objects(local)
-    consumed = set().union(*(set(v["consumed"]) for v in views))
+    anywhere = bytearray(len(mask))
+    for view in views:
+        anywhere = bytearray(a | b for a, b in zip(anywhere, view["consumed"]))
+    consumed = {name for i, name in enumerate(names) if anywhere[i // 8] >> (i % 8) & 1}
     unused = unconsumed(tensors, consumed)
     missing = sorted({name for v in views for name in v["not_loaded"]})
     problems = []
