@@ -146,3 +146,20 @@ def disk_write_mib_s(directory: Path, mib: int, fsync: bool = True, block_mib: i
 def load_average() -> str:
     """The 1-minute load average and core count: whether a measurement was taken on a busy machine."""
     return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+
+
+def long_samples(path: Path, count: int, min_bytes: int, domain: str = "long_context") -> None:
+    """Write ``count`` JSONL samples of more than ``min_bytes`` bytes (the tiny models' byte-level
+    tokenizer: at least as many tokens): shipped text rows concatenated, each sample starting at
+    another row (so samples differ)."""
+    from hybridquant import calib
+
+    rows = [r["text"] for r in calib.read_jsonl(calib.resolve_path("package:calib.jsonl"))]
+    with open(path, "w", encoding="utf-8") as f:
+        for k in range(count):
+            parts, size, i = [], 0, k * 97
+            while size <= min_bytes:
+                parts.append(rows[i % len(rows)])
+                size += len(rows[i % len(rows)].encode("utf-8")) + 2
+                i += 1
+            f.write(json.dumps({"id": f"long-{k}", "domain": domain, "text": "\n\n".join(parts)}) + "\n")

@@ -16,27 +16,10 @@ process that has only imported the stage's libraries, the per-process constant i
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
-from _common import load_average, quantize, quantize_report
-
-
-def long_samples(path: Path, count: int, min_chars: int) -> None:
-    """``count`` samples of more than ``min_chars`` bytes: shipped text rows concatenated, each
-    sample starting at another row (so samples differ)."""
-    from hybridquant import calib
-
-    rows = [r["text"] for r in calib.read_jsonl(calib.resolve_path("package:calib.jsonl"))]
-    with open(path, "w", encoding="utf-8") as f:
-        for k in range(count):
-            parts, size, i = [], 0, k * 97
-            while size <= min_chars:
-                parts.append(rows[i % len(rows)])
-                size += len(rows[i % len(rows)].encode("utf-8")) + 2
-                i += 1
-            f.write(json.dumps({"id": f"long-{k}", "domain": "long_context", "text": "\n\n".join(parts)}) + "\n")
+from _common import load_average, long_samples, quantize, quantize_report
 
 
 def main() -> None:

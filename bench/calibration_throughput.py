@@ -48,6 +48,7 @@ from _common import (
     clean_env,
     gemm_peak_gflops,
     load_average,
+    long_samples,
     materialize,
     model_bytes,
     torchrun,
@@ -73,22 +74,6 @@ def overrides(args) -> list[str]:
     out = [f"+quant={args.recipe}", f"model={args.model}", f"calib.num_samples={args.samples}",
            f"calib.max_seq_len={args.seq_len}"]
     return out + ([f"calib.path={args.calib_path}"] if args.calib_path else [])
-
-
-def long_samples(path: Path, count: int, tokens: int) -> None:
-    """``count`` samples of at least ``tokens`` bytes (the byte-level tokenizer: at least as many tokens):
-    shipped text rows concatenated, each sample starting at another row."""
-    from hybridquant import calib
-
-    rows = [r["text"] for r in calib.read_jsonl(calib.resolve_path("package:calib.jsonl"))]
-    with open(path, "w", encoding="utf-8") as f:
-        for k in range(count):
-            parts, size, i = [], 0, k * 97
-            while size <= tokens:
-                parts.append(rows[i % len(rows)])
-                size += len(rows[i % len(rows)].encode("utf-8")) + 2
-                i += 1
-            f.write(json.dumps({"id": f"long-{k}", "domain": "long", "text": "\n\n".join(parts)}) + "\n")
 
 
 # --- FLOPs ---------------------------------------------------------------------------------------
@@ -401,7 +386,7 @@ def main() -> None:
         tmp = Path(tmp)
         if args.long:
             args.calib_path = str(tmp / "long.jsonl")
-            long_samples(Path(args.calib_path), args.samples, args.seq_len)
+            long_samples(Path(args.calib_path), args.samples, args.seq_len, domain="long")
         hf = run_worker("hf", args, tmp)[0]
         meg = run_worker("megatron", args, tmp)
         meg2 = run_worker("megatron", args, tmp, nproc=2, layout=["parallel.ep=2"])
