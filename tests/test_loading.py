@@ -181,3 +181,16 @@ def test_model_auto_needs_a_path(repo):
 
     with pytest.raises(UserError, match=r"model.path must be set \(model=auto needs model.path="):
         quantize.plan(_compose(repo, "model=auto"))
+
+
+def test_unreadable_weights_are_refused_before_any_process_group(repo, saved, tmp_path):
+    """Planning (before torchrun's ranks create their process groups, so before anything is written)
+    opens every weight file: a truncated checkpoint leaves no run directory behind."""
+    from hybridquant.stages import quantize
+
+    broken = tmp_path / "truncated"
+    shutil.copytree(saved, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    with pytest.raises(UserError, match=f"{weights} is not a readable safetensors file"):
+        quantize.plan(_compose(repo, "model=auto", f"model.path={broken}"))

@@ -91,8 +91,12 @@ def prepare(model_cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] |
     model_cfg = dict(model_cfg)
     hf_cfg = None
     if model_cfg.get("path") is not None:
-        hf_cfg = read_config(resolve(model_cfg))
+        directory = resolve(model_cfg)
+        hf_cfg = read_config(directory)
         check_identity(model_cfg, hf_cfg)
+        from hybridquant import hf_checkpoint
+
+        hf_checkpoint.CheckpointTensors(directory)  # unreadable weight files: refused before any process group
     elif not model_cfg.get("arch"):
         raise UserError(f"model.path must be set (model=auto needs model.path=<checkpoint directory or Hub id>: "
                         f"model {model_cfg.get('name')!r} names no architecture)")
