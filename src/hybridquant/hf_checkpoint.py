@@ -64,14 +64,16 @@ def _file_keys(file: Path) -> dict[str, tuple[int, ...]]:
         raise UserError(f"{file} is missing (named by the checkpoint's {INDEX})")
     try:
         size = file.stat().st_size
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        with open(file, "rb") as raw:  # the header's data offsets must lie inside the file
+        with safe_open(str(file), framework="pt", device="cpu"):  # safetensors' own header validation
+            pass
+        with open(file, "rb") as raw:  # the header's data offsets must also lie inside the file
             header_len = int.from_bytes(raw.read(8), "little")
             header = json.loads(raw.read(header_len))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        header.pop("__metadata__", None)
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
         if 8 + header_len + end > size:
             raise ValueError(f"data ends at byte {8 + header_len + end}, the file has {size}")
+        shapes = {k: tuple(v["shape"]) for k, v in header.items()}
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
@@ -85,7 +87,6 @@ class CheckpointTensors:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self.entries: dict[str, _Entry] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
         self.consumed: set[str] = set()
         index = self.directory / INDEX
         if index.is_file():
@@ -115,15 +116,15 @@ class CheckpointTensors:
         fused = _FUSED_EXPERTS.match(name)
         if fused and len(shape) == 3:
             for e in range(shape[0]):
-                self._put(f"{fused['layer']}.{e}.{fused['proj']}.weight", _Entry(file, key, e), shape[1:])
+                self._put(f"{fused['layer']}.{e}.{fused['proj']}.weight", _Entry(file, key, e))
         else:
-            self._put(name, _Entry(file, key), shape)
+            self._put(name, _Entry(file, key))
 
-    def _put(self, name: str, entry: _Entry, shape) -> None:
+    def _put(self, name: str, entry: _Entry) -> None:
         if name in self.entries:
             raise UserError(f"{self.directory}: tensors {self.entries[name].key!r} and {entry.key!r} are two "
                             f"spellings of {name!r}; a checkpoint must hold one")
-        self.entries[name], self.shapes[name] = entry, tuple(shape)
+        self.entries[name] = entry
 
     def keys(self) -> list[str]:
         return sorted(self.entries)

@@ -74,13 +74,16 @@ def check_identity(model_cfg: Mapping[str, Any], hf_cfg: Mapping[str, Any]) -> N
             )
 
 
+NEEDS_PATH = "model.path must be set (model=auto needs model.path=<checkpoint directory or Hub id>)"
+
+
 def config_dict(node) -> dict[str, Any]:
     """A Hydra ``model`` node as a plain dict; a mandatory value left unset is a one-line error."""
     from omegaconf import OmegaConf
 
     for key in ("path", "name"):
         if OmegaConf.is_missing(node, key):
-            raise UserError(f"model.{key} must be set (model=auto needs model.path=<checkpoint directory or Hub id>)")
+            raise UserError(NEEDS_PATH if key == "path" else f"model.{key} must be set")
     return OmegaConf.to_container(node, resolve=True)
 
 
@@ -98,8 +101,7 @@ def prepare(model_cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] |
 
         hf_checkpoint.CheckpointTensors(directory)  # unreadable weight files: refused before any process group
     elif not model_cfg.get("arch"):
-        raise UserError(f"model.path must be set (model=auto needs model.path=<checkpoint directory or Hub id>: "
-                        f"model {model_cfg.get('name')!r} names no architecture)")
+        raise UserError(f"{NEEDS_PATH}: model {model_cfg.get('name')!r} names no architecture")
     if model_cfg.get("dtype", "auto") == "auto":
         model_cfg["dtype"] = checkpoint_dtype(hf_cfg or {})
     return model_cfg, hf_cfg
