@@ -77,6 +77,8 @@ def render(release_dir: Path) -> str:
     hf_quant = _read_json(release_dir / "export" / "hf_quant_config.json")["quantization"]
     hf_config = _read_json(release_dir / "export" / "config.json")
     model, quant = qcfg["model"], qcfg["quant"]
+    if report.get("stage") == "autoquant":  # the per-layer recipe it chose, not its base recipe
+        quant = report["recipe"]
     name = release_dir.name
     pattern = hf_config.get("hybrid_override_pattern", "")
     kinds = modules.decoder_symbols(pattern) if pattern else ""

@@ -47,11 +47,12 @@ ALL_KINDS = [k for k, _ in _KINDS + _MODEL_KINDS]
 LAYER_KINDS = [k for k, _ in _KINDS]
 
 
-def quantizer_pattern(kind: str, local_layer: int) -> str:
-    """ModelOpt ``quantizer_name`` wildcard for every quantizer of ``kind`` in one rank-local layer."""
+def quantizer_pattern(kind: str, local_layer: int, quantizer: str = "*") -> str:
+    """ModelOpt ``quantizer_name`` wildcard for the quantizers of ``kind`` in one rank-local layer:
+    all of them, or one (``weight_quantizer``, ``input_quantizer``)."""
     if kind not in _PATH:
         raise ValueError(f"{kind!r} is not a per-layer module kind; per-layer kinds: {', '.join(LAYER_KINDS)}")
-    return f"*decoder.layers.{local_layer}.{_PATH[kind]}.*"
+    return f"*decoder.layers.{local_layer}.{_PATH[kind]}.{quantizer}"
 
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")

@@ -17,14 +17,23 @@ and states only what it changes. The options compose with any preset:
   rank-local layer indices ModelOpt sees (pipeline stages number their layers from 0).
 * ``router_dtype``: ``fp32`` runs the MoE router (logits, top-k, expert weighting) in FP32; ``null``
   keeps megatron-bridge's setting for the model (fp32 for Nemotron-H, as transformers and vLLM route).
+* ``layers``: the weight format of each module kind in each (global) layer, e.g.
+  ``{"3": {"mamba.in_proj": FP8, "mamba.out_proj": NVFP4}}``, with ``formats`` naming the ModelOpt
+  preset whose weight and input quantizers each format stands for (``{FP8: FP8_DEFAULT_CFG}``);
+  ``BF16`` leaves the module unquantized. This is what ``pipeline/autoquant.py`` writes: the preset
+  and the options above still apply to everything the per-layer entries do not name.
 * ``overrides``: raw ModelOpt ``quant_cfg`` entries, appended last (later entries win).
+
+A recipe may also live in a file outside ``conf/quant`` (an autoquant run writes one):
+``+quant=file quant.path=FILE`` takes the whole recipe from FILE.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -45,17 +54,53 @@ LAYER_RULES = {"adjacent_to_attention": modules.adjacent_to_attention}
 
 
 def available(conf_dir: Path = CONF_DIR) -> list[str]:
-    return sorted(p.stem for p in (conf_dir / "quant").glob("*.yaml"))
+    """The named recipes (``file`` is the entry for recipes kept in files, not a recipe)."""
+    return sorted(p.stem for p in (conf_dir / "quant").glob("*.yaml") if p.stem != "file")
 
 
 def require_recipe(cfg: DictConfig) -> DictConfig:
-    """The recipe chosen with ``+quant=NAME``, or a one-line error listing the recipes."""
+    """The recipe chosen with ``+quant=NAME`` (or ``+quant=file quant.path=FILE``), or a one-line error."""
     quant = cfg.get("quant")
+    if quant is not None and quant.get("path"):
+        return from_file(quant)
     if quant is None or not quant.get("name"):
         raise UserError(
             "no quantization recipe chosen: add +quant=NAME, one of: " + ", ".join(available())
         )
     return quant
+
+
+def _read_recipe_file(path: str) -> DictConfig:
+    from hybridquant.schema import QuantConf
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"quant.path={path}: no such recipe file")
+    try:
+        loaded = OmegaConf.load(file)
+        return OmegaConf.merge(OmegaConf.structured(QuantConf), loaded)
+    except Exception as exc:  # noqa: BLE001 - a broken file: one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"quant.path={path} is not a recipe: {first}") from None
+
+
+def file_recipe_name(path: str) -> str:
+    """The ``name`` inside a recipe file (run directories are named after it)."""
+    return str(_read_recipe_file(path).name)
+
+
+def from_file(quant: DictConfig) -> DictConfig:
+    """The recipe in ``quant.path``; any other ``quant.*`` set next to it would be silently replaced."""
+    from hybridquant.schema import QuantConf
+
+    defaults = OmegaConf.merge(OmegaConf.structured(QuantConf), OmegaConf.load(CONF_DIR / "quant" / "file.yaml"))
+    changed = sorted(k for k in quant if k not in ("path", "name") and _plain(quant.get(k)) != _plain(defaults.get(k)))
+    if changed:
+        raise UserError(f"quant.path takes the whole recipe from {quant.path}; quant.{changed[0]} cannot be set "
+                        "next to it (edit the file instead)")
+    recipe = _read_recipe_file(str(quant.path))
+    recipe.path = str(quant.path)
+    return recipe
 
 
 def _plain(value: Any) -> Any:
@@ -157,8 +202,66 @@ def modelopt_config(recipe: Mapping[str, Any], pattern: str = "", local_layers: 
                 if layer in excluded:
                     entries.append({"quantizer_name": modules.quantizer_pattern(kind, local), "enable": False})
 
+    per_layer = layer_formats(recipe)
+    if per_layer:
+        quantizers = {name: format_quantizers(recipe, name) for name in
+                      sorted({f for kinds in per_layer.values() for f in kinds.values()} - {BF16})}
+        layers = list(range(len(modules.decoder_symbols(pattern)))) if local_layers is None else list(local_layers)
+        for local, layer in enumerate(layers):
+            for kind, name in sorted(per_layer.get(layer, {}).items()):
+                if name == BF16:
+                    entries.append({"quantizer_name": modules.quantizer_pattern(kind, local), "enable": False})
+                    continue
+                for quantizer, cfg in quantizers[name].items():
+                    entries.append({"quantizer_name": modules.quantizer_pattern(kind, local, quantizer),
+                                    "cfg": copy.deepcopy(cfg), "enable": True})
+
     entries += copy.deepcopy(list(recipe.get("overrides") or []))
     return {"quant_cfg": entries, "algorithm": algorithm}
+
+
+BF16 = "BF16"
+_FORMAT_QUANTIZERS = ("weight_quantizer", "input_quantizer")
+
+
+def layer_formats(recipe: Mapping[str, Any]) -> dict[int, dict[str, str]]:
+    """Global layer -> module kind -> format name, from the recipe's ``layers`` (validated)."""
+    recipe = _plain(recipe)
+    named = set(recipe.get("formats") or {}) | {BF16}
+    out: dict[int, dict[str, str]] = {}
+    for layer, kinds in (recipe.get("layers") or {}).items():
+        try:
+            index = int(layer)
+        except (TypeError, ValueError):
+            raise UserError(f"recipe {recipe.get('name')!r}: layers keys are layer indices, got {layer!r}") from None
+        for kind, name in (kinds or {}).items():
+            if kind not in modules.LAYER_KINDS:
+                raise UserError(f"recipe {recipe.get('name')!r}: layer {index}: {kind!r} is not a per-layer module "
+                                f"kind ({', '.join(modules.LAYER_KINDS)})")
+            if name not in named:
+                raise UserError(f"recipe {recipe.get('name')!r}: layer {index} {kind}: format {name!r} is not in "
+                                f"its formats ({', '.join(sorted(named))})")
+            out.setdefault(index, {})[kind] = name
+    return out
+
+
+def format_quantizers(recipe: Mapping[str, Any], name: str) -> dict[str, dict]:
+    """quantizer attribute -> cfg of format ``name`` (the weight and input quantizers of the ModelOpt
+    preset the recipe's ``formats`` names for it)."""
+    recipe = _plain(recipe)
+    preset = (recipe.get("formats") or {}).get(name)
+    if not preset:
+        raise UserError(f"recipe {recipe.get('name')!r}: format {name!r} names no ModelOpt preset in its formats")
+    config = preset_config({"name": recipe.get("name"), "preset": preset})
+    out = {}
+    for entry in config["quant_cfg"]:
+        quantizer = entry.get("quantizer_name", "")
+        for attr in _FORMAT_QUANTIZERS:
+            if quantizer == f"*{attr}" and entry.get("cfg") is not None and entry.get("enable", True):
+                out[attr] = entry["cfg"]
+    if "weight_quantizer" not in out:
+        raise UserError(f"recipe {recipe.get('name')!r}: ModelOpt preset {preset!r} configures no weight quantizer")
+    return out
 
 
 def declared_formats(recipe: Mapping[str, Any], pattern: str) -> Callable[[str | None, int | None], str]:
@@ -166,8 +269,11 @@ def declared_formats(recipe: Mapping[str, Any], pattern: str) -> Callable[[str |
     global ``layer`` (the recipe's rules are resolved once, against the model's pattern)."""
     declared = dict(recipe.get("quantized_kinds") or {})
     kept = {kind: set(layers) for kind, layers in kept_bf16(recipe, pattern).items()}
+    per_layer = layer_formats(recipe)
 
     def format_of(kind: str | None, layer: int | None) -> str:
+        if layer in per_layer and kind in per_layer[layer]:
+            return per_layer[layer][kind]
         if kind not in declared or layer in kept.get(kind, ()):
             return "BF16"
         return declared[kind]

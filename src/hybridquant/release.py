@@ -52,9 +52,11 @@ class Stage:
     overrides: list[str] = field(default_factory=list)
     ranks: int = 1
     run: Callable[[], None] | None = None    # in-process stages (the model card)
+    script: str | None = None                # pipeline/<script>.py (default: the stage's name)
 
     def command(self) -> dict:
-        return {"stage": self.name, "overrides": self.overrides, "ranks": self.ranks}
+        command = {"stage": self.name, "overrides": self.overrides, "ranks": self.ranks}
+        return {**command, "script": self.script} if self.script else command
 
 
 # ------------------------------------------------------------------------------------------------
@@ -73,10 +75,14 @@ def ranks_of(parallel: dict) -> int:
 def plan(cfg: DictConfig, release_dir: Path) -> list[Stage]:
     r = OmegaConf.to_container(cfg.release, resolve=True)
     d = release_dir
+    # With release.autoquant set, the quantize stage is an autoquant run on the base recipe `quant`.
+    searched = [*_kv("autoquant", r["autoquant"]), f"autoquant.scores_dir={d / 'autoquant_scores'}"] \
+        if r.get("autoquant") else []
     quantize = Stage("quantize", ["quantize"], [
         f"model={r['model']}", f"+quant={r['quant']}", f"seed={cfg.seed}", *_kv("calib", r["calib"]),
-        *_kv("parallel", r["quantize_parallel"]), f"hydra.run.dir={d / 'quantize'}",
-        *r["overrides"].get("quantize", [])], ranks_of(r["quantize_parallel"]))
+        *_kv("parallel", r["quantize_parallel"]), *searched, f"hydra.run.dir={d / 'quantize'}",
+        *r["overrides"].get("quantize", [])], ranks_of(r["quantize_parallel"]),
+        script="autoquant" if searched else None)
     export_layout = {k: v for k, v in r["export_parallel"].items() if v is not None}
     export = Stage("export", ["export"], [
         f"checkpoint={d / 'quantize'}", f"output_dir={d / 'export'}", "export.overwrite=true", f"seed={cfg.seed}",
@@ -144,11 +150,11 @@ class Runner:
     def __call__(self, stage: Stage) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         log_path = self.logs / f"{stage.name}.log"
-        script = str(REPO / "pipeline" / f"{stage.name}.py")
+        script = str(REPO / "pipeline" / f"{stage.script or stage.name}.py")
         if self.cluster.name == "slurm":  # a job through launch/submit.py, waited on
             per_node = min(self.cluster.tasks_per_node, stage.ranks)
             nodes = -(-stage.ranks // per_node)
-            cmd = [sys.executable, str(REPO / "launch" / "submit.py"), stage.name, *stage.overrides,
+            cmd = [sys.executable, str(REPO / "launch" / "submit.py"), stage.script or stage.name, *stage.overrides,
                    *self.cluster_overrides, f"cluster.nodes={nodes}", f"cluster.tasks_per_node={per_node}"]
         else:
             from hybridquant.parallel import free_port

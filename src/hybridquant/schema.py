@@ -34,7 +34,12 @@ class QuantConf:
     algorithm: Optional[Any] = None   # max | mse | null (the preset's)
     keep_bf16: List[Any] = field(default_factory=list)  # [{kinds: [...], layers: adjacent_to_attention | [i, ...]}]
     router_dtype: Optional[str] = None  # fp32 | null (megatron-bridge's for the model: fp32 for Nemotron-H)
+    # Per-layer weight formats (what pipeline/autoquant.py writes): global layer -> kind -> format name,
+    # each name a ModelOpt preset in `formats` (BF16: unquantized).
+    layers: Dict[str, Dict[str, str]] = field(default_factory=dict)
+    formats: Dict[str, str] = field(default_factory=dict)
     overrides: List[Any] = field(default_factory=list)
+    path: Optional[str] = None        # +quant=file: the recipe file this recipe was read from
 
 
 @dataclass
@@ -101,6 +106,24 @@ class QuantizeConf:
     run_name: str = MISSING
     probe_path: str = "package:heldout.jsonl"  # held-out text (never used for calibration)
     probe_samples: int = 2            # held-out samples whose logits are recorded before/after quantization
+
+
+@dataclass
+class AutoquantOptions:
+    effective_bits: float = 5.5       # budget over the searched modules' weights
+    formats: List[str] = field(default_factory=lambda: ["NVFP4", "FP8"])
+    presets: Dict[str, str] = field(default_factory=dict)  # format name -> ModelOpt preset
+    method: str = "gradient"          # gradient | kl_div
+    cost_model: str = "weight"        # weight | active_moe
+    score_samples: int = 16
+    also_solve: List[float] = field(default_factory=list)
+    scores_dir: str = MISSING
+    plot: bool = True
+
+
+@dataclass
+class AutoquantConf(QuantizeConf):
+    autoquant: AutoquantOptions = MISSING
 
 
 @dataclass
@@ -201,7 +224,10 @@ class ReleaseSpec:
     name: str = MISSING                # the release directory name (and the exported model's name)
     description: str = ""
     model: str = MISSING               # a conf/model choice
-    quant: str = MISSING               # a conf/quant choice
+    quant: str = MISSING               # a conf/quant choice (with autoquant: the base recipe)
+    # autoquant.* settings (effective_bits, formats, ...): when set, the quantize stage is an autoquant
+    # run that chooses per-layer formats on the base recipe; {}: quantize with `quant` as it is.
+    autoquant: Dict[str, Any] = field(default_factory=dict)
     calib: Dict[str, Any] = field(default_factory=dict)       # calib.* overrides (num_samples, max_seq_len, ...)
     quantize_parallel: ParallelConf = field(default_factory=ParallelConf)
     export_parallel: LoadLayoutConf = field(default_factory=LoadLayoutConf)  # null: as calibrated
@@ -222,12 +248,14 @@ class ReleaseConf:
 def register() -> None:
     from omegaconf import OmegaConf
 
-    from hybridquant import cluster, source
+    from hybridquant import cluster, recipes, source
 
     OmegaConf.register_new_resolver("launch_suffix", cluster.launch_suffix, replace=True)
     OmegaConf.register_new_resolver("checkpoint_name", source.checkpoint_name, replace=True)
+    OmegaConf.register_new_resolver("recipe_file_name", recipes.file_recipe_name, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="quantize_schema", node=QuantizeConf)
+    cs.store(name="autoquant_schema", node=AutoquantConf)
     cs.store(name="release_schema", node=ReleaseConf)
     cs.store(name="recipe_table_schema", node=RecipeTableConf)
     cs.store(name="export_schema", node=ExportConf)

@@ -116,17 +116,25 @@ def calibrate(cfg: DictConfig, p: Plan) -> Calibrated:
                       coverage=counts.report(all_experts=cfg.calib.all_experts), timings=timings)
 
 
+STALE = ("report.json", "checkpoint.partial")
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     t_start = time.perf_counter()
     p = plan(cfg)
     run_dir = Path(run_dir)
     parallel.init(p.layout, seed=cfg.seed, backend=cfg.cluster.backend, timeout_s=cfg.cluster.timeout_s)
     if parallel.is_main():
-        rundir.prepare(run_dir, cfg, stale=("report.json", "checkpoint.partial"))
+        rundir.prepare(run_dir, cfg, stale=STALE)
     parallel.fault_point("load")
     result = calibrate(cfg, p)
-    parallel.fault_point("save")
+    return finish(cfg, p, run_dir, result, t_start)
 
+
+def finish(cfg: DictConfig, p: Plan, run_dir: Path, result: Calibrated, t_start: float,
+           extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Save the checkpoint, the probe logits and report.json (last, with ``extra`` merged in). Collective."""
+    parallel.fault_point("save")
     t = time.perf_counter()
     partial, final = run_dir / "checkpoint.partial", run_dir / "checkpoint"
     metadata = {"model": p.model_cfg["name"], "source": str(result.hf_path), "recipe": p.recipe.name,
@@ -146,6 +154,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     "logits_after": result.logits_after}, run_dir / "probe.pt")
         report = reporting.quantize_report(cfg=cfg, recipe=p.recipe, layout=p.layout, result=result,
                                            peak_rss_mb=peak_rss, checkpoint_dir=final)
+        report.update(extra or {})
         reporting.write_json_atomic(run_dir / "report.json", report)
         print(reporting.format_quantize_summary(report), flush=True)
     parallel.barrier()
