@@ -83,20 +83,31 @@ def fingerprint(cfg: DictConfig, p: Plan) -> dict[str, Any]:
     }
 
 
+def check_scores_dir(scores_dir: Path, wanted: dict[str, Any]) -> bool:
+    """Whether ``scores_dir`` holds scores for ``wanted`` (False: none yet); scores computed for other
+    settings are an error. Every rank, before any process group exists."""
+    meta = scores_dir / "meta.json"
+    if not meta.is_file():
+        return False
+    try:
+        have = json.loads(meta.read_text())
+    except ValueError:
+        raise UserError(f"{meta} is corrupt; remove {scores_dir}") from None
+    differ = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
+    if differ:
+        raise UserError(f"{scores_dir} holds scores computed with other settings ({', '.join(differ)}); "
+                        "remove it or set autoquant.scores_dir")
+    return True
+
+
 def claim_scores_dir(scores_dir: Path, wanted: dict[str, Any]) -> None:
     """Main rank: create the score directory for ``wanted`` or check that it holds scores for it."""
-    meta = scores_dir / "meta.json"
-    if meta.is_file():
-        have = json.loads(meta.read_text())
-        differ = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
-        if differ:
-            raise UserError(f"{scores_dir} holds scores computed with other settings ({', '.join(differ)}); "
-                            "remove it or set autoquant.scores_dir")
+    if check_scores_dir(scores_dir, wanted):
         return
     scores_dir.mkdir(parents=True, exist_ok=True)
     for stale in scores_dir.glob("scores*.pth"):
         stale.unlink()
-    reporting.write_json_atomic(meta, wanted)
+    reporting.write_json_atomic(scores_dir / "meta.json", wanted)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -107,6 +118,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     p = plan(cfg)
     run_dir = Path(run_dir)
     scores_dir = Path(cfg.autoquant.scores_dir)
+    check_scores_dir(scores_dir, fingerprint(cfg, p))
     parallel.init(p.base.layout, seed=cfg.seed, backend=cfg.cluster.backend, timeout_s=cfg.cluster.timeout_s)
     if parallel.is_main():
         rundir.prepare(run_dir, cfg, stale=STALE)
