@@ -310,3 +310,23 @@ def test_release_preset_runs_autoquant_as_its_quantize_stage(tmp_path):
     assert quantize.script == "autoquant" and quantize.command()["script"] == "autoquant"
     assert f"+quant={BASE}" in quantize.overrides and "autoquant.effective_bits=6.0" in quantize.overrides
     assert f"autoquant.scores_dir={tmp_path / 'autoquant_scores'}" in quantize.overrides
+
+
+def test_search_space_is_what_the_base_recipe_quantizes():
+    """Kinds the recipe keeps in high precision, and the layers its keep_bf16 rule names (Cascade-2: the
+    Mamba layers next to attention), are not searched and cost nothing."""
+    recipe = OmegaConf.load(recipes.CONF_DIR / "quant" / "cascade2_fp8_selective.yaml")
+    pattern = "MEM*EMEM"
+    layers = list(range(len(pattern)))
+    searched, excluded = autoquant.search_space(recipe, pattern, layers)
+    assert "*decoder.layers.0.mixer.in_proj" in searched and "*decoder.layers.4.mixer.out_proj" not in searched
+    for adjacent in (2, 4):  # M next to '*' at 3
+        assert f"*decoder.layers.{adjacent}.mixer.in_proj" in excluded
+    assert "*decoder.layers.3.self_attention.linear_qkv" in excluded and "*output_layer" in excluded
+    assert "*decoder.layers.1.mlp.experts.local_experts.*.linear_fc1" in searched
+    # On a later pipeline stage the same global layers get rank-local names.
+    searched_pp, _ = autoquant.search_space(recipe, pattern, [4, 5, 6, 7])
+    assert "*decoder.layers.1.mlp.experts.local_experts.*.linear_fc1" in searched_pp  # global layer 5
+    assert "*decoder.layers.0.mixer.in_proj" not in searched_pp  # global layer 4: next to attention
+    with pytest.raises(UserError, match="quantizes no per-layer module kind"):
+        autoquant.search_space(OmegaConf.create({"name": "none", "quantized_kinds": {}}), pattern, layers)
