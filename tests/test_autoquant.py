@@ -311,6 +311,10 @@ def test_release_preset_runs_autoquant_as_its_quantize_stage(tmp_path):
     assert f"autoquant.scores_dir={tmp_path / 'autoquant_scores'}" in quantize.overrides
 
 
+EXPERT_PATHS = ["mlp.experts.local_experts.*.linear_fc1", "mlp.experts.local_experts.*.linear_fc2",
+                "mlp.shared_experts.linear_fc1", "mlp.shared_experts.linear_fc2"]
+
+
 def test_search_space_is_what_the_base_recipe_quantizes():
     """Kinds the recipe keeps in high precision, and the layers its keep_bf16 rule names (Cascade-2: the
     Mamba layers next to attention), are not searched and cost nothing."""
@@ -318,14 +322,15 @@ def test_search_space_is_what_the_base_recipe_quantizes():
     pattern = "MEM*EMEM"
     layers = list(range(len(pattern)))
     searched, excluded = autoquant.search_space(recipe, pattern, layers)
-    assert "*decoder.layers.0.mixer.in_proj" in searched and "*decoder.layers.4.mixer.out_proj" not in searched
-    for adjacent in (2, 4):  # M next to '*' at 3
-        assert f"*decoder.layers.{adjacent}.mixer.in_proj" in excluded
+    mamba = ["mixer.in_proj", "mixer.out_proj"]
+    want = {0: mamba, 1: EXPERT_PATHS, 4: EXPERT_PATHS, 5: mamba, 6: EXPERT_PATHS, 7: mamba}  # 2: next to '*'
+    assert searched == [f"*decoder.layers.{i}.{p}" for i, paths in want.items() for p in paths]
+    assert "*decoder.layers.2.mixer.in_proj" in excluded and "*decoder.layers.2.mixer.out_proj" in excluded
     assert "*decoder.layers.3.self_attention.linear_qkv" in excluded and "*output_layer" in excluded
-    assert "*decoder.layers.1.mlp.experts.local_experts.*.linear_fc1" in searched
-    # On a later pipeline stage the same global layers get rank-local names.
+    # On a later pipeline stage the same global layers get rank-local names (global 4-7 -> local 0-3).
     searched_pp, _ = autoquant.search_space(recipe, pattern, [4, 5, 6, 7])
-    assert "*decoder.layers.1.mlp.experts.local_experts.*.linear_fc1" in searched_pp  # global layer 5
-    assert "*decoder.layers.0.mixer.in_proj" not in searched_pp  # global layer 4: next to attention
+    assert searched_pp == [*[f"*decoder.layers.0.{p}" for p in EXPERT_PATHS], "*decoder.layers.1.mixer.in_proj",
+                           "*decoder.layers.1.mixer.out_proj", *[f"*decoder.layers.2.{p}" for p in EXPERT_PATHS],
+                           "*decoder.layers.3.mixer.in_proj", "*decoder.layers.3.mixer.out_proj"]
     with pytest.raises(UserError, match="quantizes no per-layer module kind"):
         autoquant.search_space(OmegaConf.create({"name": "none", "quantized_kinds": {}}), pattern, layers)

@@ -95,10 +95,11 @@ def search_space(recipe, pattern: str, local_layers: list[int]) -> tuple[list[st
     if not kinds:
         raise UserError(f"recipe {recipe.name!r} quantizes no per-layer module kind: nothing to search")
     kept = recipes.kept_bf16(recipe, pattern)
+    symbols = modules.decoder_symbols(pattern)
     searched, excluded = [], ["*output_layer", "*embedding*"]
     for local, layer in enumerate(local_layers):
-        for kind in modules.LAYER_KINDS:
-            path = f"*decoder.layers.{local}.{modules._PATH[kind]}"
+        for kind in modules.kinds_in_layer(symbols[layer]):
+            path = modules.module_pattern(kind, local)
             if kind in kinds and layer not in kept.get(kind, ()):
                 searched.append(path)
             else:

@@ -55,6 +55,24 @@ def quantizer_pattern(kind: str, local_layer: int, quantizer: str = "*") -> str:
     return f"*decoder.layers.{local_layer}.{_PATH[kind]}.{quantizer}"
 
 
+# The module kinds each hybrid-pattern symbol's layer holds (by kind prefix).
+_SYMBOL_KINDS = {"M": ("mamba.",), "E": ("routed_expert.", "shared_expert.", "moe_latent.", "router"),
+                 "-": ("dense_mlp.",), "*": ("attention.",)}
+
+
+def kinds_in_layer(symbol: str) -> list[str]:
+    """Per-layer module kinds of a layer with hybrid-pattern ``symbol`` (M, E, -, *)."""
+    prefixes = _SYMBOL_KINDS.get(symbol, ())
+    return [k for k in LAYER_KINDS if k.startswith(prefixes)] if prefixes else []
+
+
+def module_pattern(kind: str, local_layer: int) -> str:
+    """fnmatch pattern of the modules of ``kind`` in one rank-local layer (experts: all of them)."""
+    if kind not in _PATH:
+        raise ValueError(f"{kind!r} is not a per-layer module kind; per-layer kinds: {', '.join(LAYER_KINDS)}")
+    return f"*decoder.layers.{local_layer}.{_PATH[kind]}"
+
+
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 
