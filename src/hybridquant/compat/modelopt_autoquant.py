@@ -56,15 +56,7 @@ def _merge(local: dict, key_of: Callable[[str], str]) -> dict:
                            "module_names": list(stat.get("module_names", [])), "is_fixed": bool(stat.get("is_fixed")),
                            "allow_no_quant": bool(stat.get("allow_no_quant", True))}
             for name, stat in local.items()}
-    gathered = [mine]
-    if _world() > 1:
-        gathered = [None] * _world()
-        dist.all_gather_object(gathered, mine)
-    merged: dict = {}
-    for part in gathered:
-        for key, stat in part.items():
-            merged.setdefault(key, stat)
-    return dict(sorted(merged.items(), key=lambda kv: _sort_key(kv[0])))
+    return dict(sorted(_union_dicts(mine).items(), key=lambda kv: _sort_key(kv[0])))
 
 
 def _sort_key(key: str):
@@ -227,9 +219,8 @@ def kl_scores_over_pipeline(key_of: Callable[[str], str]):
         for name, hparam in named_hparams(self.model, unique=True):
             if isinstance(hparam, algorithms.QuantRecipeHparam) and hparam.is_configurable:
                 mine[key_of(name)] = hparam
-        order = sorted({k for part in _all_keys(mine) for k in part}, key=_sort_key)
-        formats = {k: [_name(r) for r in h.choices if r != no_quant] for k, h in mine.items()}
-        formats = _union_dicts(formats)
+        formats = _union_dicts({k: [_name(r) for r in h.choices if r != no_quant] for k, h in mine.items()})
+        order = sorted(formats, key=_sort_key)
         group, last = _pp_group()
         lm_head = algorithms._get_lm_head(self.model)
         device = next(self.model.parameters()).device
@@ -268,21 +259,12 @@ def kl_scores_over_pipeline(key_of: Callable[[str], str]):
         cls.estimate_sensitivity_scores = original
 
 
-def _all_keys(mine: dict) -> list:
-    if _world() == 1:
-        return [list(mine)]
-    gathered = [None] * _world()
-    dist.all_gather_object(gathered, list(mine))
-    return gathered
-
-
 def _union_dicts(local: dict) -> dict:
-    if _world() == 1:
-        return local
-    gathered = [None] * _world()
-    dist.all_gather_object(gathered, local)
+    """Every rank's entries (the lowest rank's where several have a key), on every rank."""
+    from hybridquant.parallel import gather_objects
+
     out: dict = {}
-    for part in gathered:
+    for part in gather_objects(local):
         for k, v in part.items():
             out.setdefault(k, v)
     return out
