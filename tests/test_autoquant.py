@@ -223,6 +223,15 @@ def test_active_moe_ratio_comes_from_the_megatron_config():
     assert autoquant.active_expert_ratio(SimpleNamespace(num_moe_experts=128, moe_router_topk=6)) == 6 / 128
     with pytest.raises(UserError, match="needs a MoE model"):
         autoquant.active_expert_ratio(SimpleNamespace(num_moe_experts=None, moe_router_topk=None))
+    # ModelOpt's active_moe cost model recognises Megatron's routed experts (not the shared ones).
+    from modelopt.torch.quantization._auto_quantize_cost import get_auto_quantize_cost_model
+
+    cost = get_auto_quantize_cost_model("active_moe")
+    ratio = {"active_moe_expert_ratio": 0.25}
+    routed = [f"decoder.layers.1.mlp.experts.local_experts.{i}.linear_fc{j}" for i in range(4) for j in (1, 2)]
+    assert cost.module_cost_weight(routed, ratio) == 0.25
+    assert cost.module_cost_weight(["decoder.layers.1.mlp.shared_experts.linear_fc1"], ratio) == 1.0
+    assert cost.module_cost_weight(["decoder.layers.0.mixer.in_proj"], ratio) == 1.0
 
 
 def test_scores_made_for_other_settings_are_refused(tmp_path):
