@@ -55,35 +55,88 @@ def calib_batches(tiny_checkpoint):
     return calib.load("package:calib.jsonl", tok, num_samples=8, max_seq_len=128, seed=0).samples
 
 
+def _shared_root(tmp_path_factory) -> Path:
+    """A directory all pytest-xdist workers of this session share (the base temp directory's parent)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _key(*parts) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:12]
+
+
+def _once(root: Path, make) -> Path:
+    """``make(root)`` run once per session for ``root``, whichever worker asks first (under a file lock;
+    the others wait and reuse it). ``root/stdout.txt``, written last, marks it complete."""
+    import fcntl
+
+    with open(f"{root}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "stdout.txt").exists():
+            root.mkdir(exist_ok=True)
+            (root / "stdout.txt").write_text(make(root))
+    return root
+
+
 @pytest.fixture(scope="session")
 def quantized(tmp_path_factory):
     """``quantized(recipe, *overrides, nproc=1)``: the run directory of a real quantize run (torchrun),
     made once per test session for each distinct call and shared by the tests that read it, also across
     pytest-xdist workers (the first to ask runs it under a file lock; the others wait and reuse it)."""
-    import fcntl
-    import hashlib
-    import json
-
     from launch import run_stage
 
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    shared = _shared_root(tmp_path_factory)
 
-    def key_of(recipe, overrides, nproc) -> str:
-        return hashlib.sha256(json.dumps([recipe, list(overrides), nproc]).encode()).hexdigest()[:12]
+    def root_of(recipe, overrides, nproc) -> Path:
+        return shared / f"quantize-{_key(recipe, list(overrides), nproc)}"
 
     def get(recipe: str, *overrides: str, nproc: int = 1):
-        root = shared / f"quantize-{key_of(recipe, overrides, nproc)}"
-        with open(f"{root}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (root / "stdout.txt").exists():
-                root.mkdir(exist_ok=True)
-                proc = run_stage("quantize", [f"+quant={recipe}", f"output_root={root}", *overrides], nproc=nproc)
-                assert proc.returncode == 0, proc.stderr[-3000:]
-                (root / "stdout.txt").write_text(proc.stdout)  # last: marks the run complete
-        (run_dir,) = (root / "quantize").iterdir()
+        def make(root: Path) -> str:
+            proc = run_stage("quantize", [f"+quant={recipe}", f"output_root={root}", *overrides], nproc=nproc)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            return proc.stdout
+
+        (run_dir,) = (_once(root_of(recipe, overrides, nproc), make) / "quantize").iterdir()
         return run_dir
 
-    get.stdout = lambda recipe, *overrides, nproc=1: (
-        shared / f"quantize-{key_of(recipe, overrides, nproc)}" / "stdout.txt").read_text()
+    get.stdout = lambda recipe, *overrides, nproc=1: (root_of(recipe, overrides, nproc) / "stdout.txt").read_text()
     return get
+
+
+@pytest.fixture(scope="session")
+def exported(quantized, tmp_path_factory):
+    """``exported(recipe, *overrides, nproc=1)``: ``(run_dir, export_dir, export stdout)`` of the quantize
+    run ``quantized(recipe, *overrides, nproc=nproc)`` exported by the export stage at its calibration
+    layout (``nproc`` ranks), once per session and shared across files and workers like ``quantized``."""
+    from launch import run_stage
+
+    shared = _shared_root(tmp_path_factory)
+
+    def get(recipe: str, *overrides: str, nproc: int = 1):
+        run_dir = quantized(recipe, *overrides, nproc=nproc)
+
+        def make(root: Path) -> str:
+            proc = run_stage("export", [f"checkpoint={run_dir}", f"output_dir={root / 'export'}"], nproc=nproc)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            return proc.stdout
+
+        root = _once(shared / f"export-{_key(recipe, list(overrides), nproc)}", make)
+        return run_dir, root / "export", (root / "stdout.txt").read_text()
+
+    return get
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests run only where CUDA is available (a lent GPU machine: bench/gpu_check.sh)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in gpu_items:
+        item.add_marker(skip)

@@ -27,13 +27,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def evaluated(quantized, tmp_path_factory):
+def evaluated(exported, tmp_path_factory):
     """One quantize run, its export, and one evaluation of both at PP2 (fake-quant and weight-only)."""
-    run_dir = quantized(*FP8)
+    run_dir, export_dir, _ = exported(*FP8)
     root = tmp_path_factory.mktemp("evaluate")
-    export_dir = root / "export-fp8"
-    proc = run_stage("export", [f"checkpoint={run_dir}", f"output_dir={export_dir}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
     proc = run_stage("evaluate", [f"checkpoints=[{run_dir},{export_dir}]", TRAINED, f"output_root={root}",
                                   "parallel.pp=2", "evaluation.modes=[fake_quant,weight_only]", *EVAL], nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]

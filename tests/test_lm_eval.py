@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from launch import REPO, run_stage
+from launch import REPO
 
 
 pytestmark = pytest.mark.distributed
@@ -38,10 +38,8 @@ def _evaluate(export_dir, output=None, *extra):
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_exported_checkpoint_evaluates_deterministically(quantized, tmp_path):
-    export_dir = tmp_path / "export"
-    proc = run_stage("export", [f"checkpoint={quantized(*FP8)}", f"output_dir={export_dir}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_exported_checkpoint_evaluates_deterministically(exported, tmp_path):
+    _, export_dir, _ = exported(*FP8)  # the export tests/test_export.py reads back
 
     # The same run twice, as separate processes (concurrently), plus bad input.
     runs = [_evaluate(export_dir, tmp_path / f"results{i}.json") for i in range(2)]

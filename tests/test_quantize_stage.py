@@ -46,16 +46,24 @@ def test_quantize_saves_a_checkpoint_that_reproduces_the_quantized_logits(recipe
     assert all(r.format == "FP8" and r.amax for r in kv)
 
 
-def test_bad_calibration_file_is_one_line_error_without_report(tmp_path):
+def test_bad_calibration_file_is_one_line_error(repo, world1, tmp_path):
+    """Raised by the stage's calibration step (in this process: no ranks needed) as the one line the
+    entry point prints; a run that fails there leaves no report or checkpoint (test_parallel's
+    failure tests)."""
+    from hydra import compose, initialize_config_dir
+
+    from hybridquant import schema
+    from hybridquant.errors import UserError
+    from hybridquant.stages import quantize
+
+    schema.register()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\nnot json\n')
-    proc = run_stage("quantize", ["+quant=mamba_moe_fp8_conservative", f"output_root={tmp_path}",
-                                  f"calib.path={bad}"])
-    assert proc.returncode != 0
-    errors = error_lines(proc)
-    assert len(errors) == 1 and "bad.jsonl:2" in errors[0], proc.stderr[-2000:]
-    assert not list(tmp_path.rglob("report.json"))
-    assert not list(tmp_path.rglob("hybridquant.json"))
+    with initialize_config_dir(config_dir=str(repo / "conf"), version_base="1.3"):
+        cfg = compose("quantize", overrides=["+quant=mamba_moe_fp8_conservative", f"calib.path={bad}"])
+    with pytest.raises(UserError) as info:
+        quantize.calibrate(cfg, quantize.plan(cfg, world1))
+    assert "bad.jsonl:2" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path, tiny_model_cfg):

@@ -193,6 +193,44 @@ def test_split_conv1d_scan_equals_mamba_ssm_reference(length, ngroups, per_chann
     assert rel(ssd.split_conv1d_scan(zxbcdt, conv_w, conv_b, dt_bias, A, D, CHUNK, **limited), want) < BOUND
 
 
+def test_gpu_split_scan_calls_mamba_ssm_chunk_scan_as_its_signature_takes(monkeypatch):
+    """On a GPU without causal-conv1d's compiled kernel, megatron's calibration forward gets
+    compat.gpu.triton_split_conv1d_scan: the convolution in torch, then mamba_ssm's Triton
+    mamba_chunk_scan_combined. Here the Triton kernel is stood in for by the chunked scan behind the
+    kernel's own signature (an argument it does not take fails to bind), and the result is compared
+    with mamba_ssm's reference of the fused function."""
+    import inspect
+
+    from mamba_ssm.ops.triton import ssd_combined
+
+    from hybridquant.compat import gpu
+
+    signature = inspect.signature(ssd_combined.mamba_chunk_scan_combined)
+    calls = []
+
+    def kernel(*args, **kwargs):
+        calls.append(signature.bind(*args, **kwargs).arguments)
+        return ssd.chunk_scan(*args, **kwargs)
+
+    monkeypatch.setattr(ssd_combined, "mamba_chunk_scan_combined", kernel)
+    nheads, headdim, ngroups, dstate, width, length = 8, 16, 2, 16, 4, 37
+    dim = nheads * headdim
+    g = torch.Generator().manual_seed(3)
+    zxbcdt = torch.randn(2, length, 2 * dim + 2 * ngroups * dstate + nheads, generator=g)
+    conv_w = torch.randn(dim + 2 * ngroups * dstate, width, generator=g) * 0.5
+    conv_b = torch.randn(dim + 2 * ngroups * dstate, generator=g) * 0.1
+    dt_bias, A, D = torch.randn(nheads, generator=g) * 0.5, -torch.exp(torch.rand(nheads, generator=g) * 3), \
+        torch.randn(nheads, generator=g)
+    kw = dict(headdim=headdim, ngroups=ngroups, dt_limit=(0.0, 0.3))
+    got = gpu.triton_split_conv1d_scan(zxbcdt, conv_w, conv_b, dt_bias, A, D, CHUNK, **kw)
+    want = mamba_split_conv1d_scan_ref(zxbcdt, conv_w, conv_b, dt_bias, A, D, CHUNK, **kw)
+    assert len(calls) == 1 and calls[0]["dt_softplus"] is True and calls[0]["dt_limit"] == (0.0, 0.3)
+    assert "state_dtype" not in calls[0]  # mamba-ssm 2.3.2's kernel has no such argument
+    assert rel(got, want) < BOUND, rel(got, want)
+    # the compiled extensions are absent here (stood in for by cpu.apply): the GPU layer would route around them
+    assert gpu.missing_extensions() == list(gpu.EXTENSIONS)
+
+
 def test_mode_is_chosen_by_the_environment_and_by_use(monkeypatch):
     monkeypatch.delenv(ssd.ENV, raising=False)
     assert ssd.mode() == "chunked" and ssd.mode(default="kernels") == "kernels"

@@ -1,9 +1,10 @@
 """Nemotron-H checkpoints unlike the tiny model, each written by transformers itself and taken with
 ``model=auto``: quantized at a multi-rank layout, exported, and read back by the independent reader.
 
-Per variant (tests/variants.py): attention as the first layer, a dense MLP layer (``-``), Mamba with
-one group, six experts with top-3 routing, tied embeddings, a vocabulary of 1000 (not a multiple of
-64), bfloat16 weights. Three comparisons on the quantize run's held-out probe tokens:
+Variants (tests/variants.py; features that need the same layout share one checkpoint): attention as
+the first layer, a dense MLP layer (``-``) and a vocabulary of 1000 (not a multiple of 64) at TP2;
+Mamba with one group and tied embeddings at PP2; six experts with top-3 routing at EP2; bfloat16
+weights at EP2. Three comparisons on the quantize run's held-out probe tokens:
 
 * the Megatron model as loaded at the multi-rank layout (before quantization) vs transformers (float32)
   on the source checkpoint: the load is exact (float32 rounding). The bf16 variant computes in

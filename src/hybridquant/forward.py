@@ -2,8 +2,9 @@
 
 With PP=1 this is a plain call; with PP>1 it runs megatron-core's forward-only pipeline schedule,
 one microbatch per batch (calibration samples keep their natural length, so each has its own
-shape). Logits come back only on the last pipeline stage, gathered over TP and trimmed to the HF
-vocabulary; other stages get ``None`` entries.
+shape). Logits come back only on the last pipeline stage, gathered over TP, trimmed to the HF
+vocabulary and on the CPU (where the callers' token ids, metrics and saved probes are, on a GPU too);
+other stages get ``None`` entries.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def run(chunks: list, batches: Iterable[torch.Tensor], vocab_size: int | None = 
         for ids in batches:
             logits = _forward_one(chunks, ids)
             if vocab_size is not None:
-                outputs.append(None if logits is None else gather_tp_logits(logits, vocab_size))
+                outputs.append(None if logits is None else gather_tp_logits(logits, vocab_size).cpu())
     return outputs
 
 

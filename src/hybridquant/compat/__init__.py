@@ -3,7 +3,8 @@
 
 def patch_modelopt() -> None:
     """Apply the ModelOpt fixes every path that builds or restores quantizers needs. Idempotent."""
-    from hybridquant.compat import modelopt_cpu, modelopt_megatron
+    from hybridquant.compat import gpu, modelopt_cpu, modelopt_megatron
 
     modelopt_cpu.apply()
     modelopt_megatron.apply()
+    gpu.apply_modelopt()

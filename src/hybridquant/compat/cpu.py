@@ -304,8 +304,14 @@ class _DuplicatedLinear(torch.nn.Module):
 
     def __init__(self, input_size, output_size, *, config, init_method, bias, skip_bias_add, **_unused):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype))
-        self.bias = torch.nn.Parameter(torch.zeros(output_size, dtype=config.params_dtype)) if bias else None
+        # where megatron's own layers put their parameters: the current GPU unless it initialises on the
+        # CPU, else the default device (the meta device while a model is described: recipe_table)
+        device = None if getattr(config, "use_cpu_initialization", False) or not torch.cuda.is_available() \
+            else torch.cuda.current_device()
+        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype,
+                                                     device=device))
+        self.bias = torch.nn.Parameter(torch.zeros(output_size, dtype=config.params_dtype, device=device)) \
+            if bias else None
         if config.perform_initialization:
             init_method(self.weight)
         self.skip_bias_add = skip_bias_add
@@ -345,19 +351,6 @@ def _patch_tied_embedding_setup() -> None:
     LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
 
 
-def _select_gpu_mamba_scan() -> None:
-    """On GPU megatron keeps mamba_ssm's Triton kernels unless ``HYBRIDQUANT_MAMBA_SCAN=chunked``."""
-    if ssd.mode(default="kernels") != "chunked":
-        return
-    import megatron.core.ssm.mamba_mixer as mamba_mixer
-
-    if getattr(mamba_mixer, "_hybridquant_chunked_scan", False):
-        return
-    mamba_mixer.mamba_split_conv1d_scan_combined = ssd.split_conv1d_scan
-    mamba_mixer.mamba_chunk_scan_combined = ssd.chunk_scan
-    mamba_mixer._hybridquant_chunked_scan = True
-
-
 def _disable_dynamo() -> None:
     import torch._dynamo
 
@@ -365,12 +358,16 @@ def _disable_dynamo() -> None:
 
 
 def apply() -> bool:
-    """Apply the CPU stand-ins once, if CUDA is absent. Returns True when applied."""
+    """Apply the CPU stand-ins once, if CUDA is absent. Returns True when applied. On a CUDA machine,
+    only what it lacks (Transformer-Engine, the compiled Mamba extensions) is stood in for
+    (``compat/gpu.py``)."""
     global _APPLIED
     if _APPLIED:
         return True
     if torch.cuda.is_available():
-        _select_gpu_mamba_scan()
+        from hybridquant.compat import gpu
+
+        gpu.apply()
         return False
     _patch_torch_cuda()
     _patch_mamba_kernels_before_import()

@@ -197,10 +197,12 @@ def causal_conv1d(x, weight, bias=None, activation=None):
 def split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states=None,
                       seq_idx=None, dt_limit=NO_LIMIT, return_final_states=False, activation="silu",
                       rmsnorm_weight=None, rmsnorm_eps=1e-6, outproj_weight=None, outproj_bias=None,
-                      headdim=None, ngroups=1, norm_before_gate=True, state_dtype=None, **_unused):
+                      headdim=None, ngroups=1, norm_before_gate=True, state_dtype=None, scan=None, **_unused):
     """What mamba_ssm's ``mamba_split_conv1d_scan_combined`` computes (megatron's training/calibration
     forward): split z | xBC | dt, causal conv1d + activation on xBC, chunked scan with dt softplus,
-    z gating, optional output projection. zxbcdt: (batch, seqlen, 2 dim + 2 ngroups dstate + nheads)."""
+    z gating, optional output projection. zxbcdt: (batch, seqlen, 2 dim + 2 ngroups dstate + nheads).
+    ``scan``: the scan to run, with ``chunk_scan``'s signature (default ``chunk_scan``; on GPU without
+    causal-conv1d's compiled kernel, mamba_ssm's Triton ``mamba_chunk_scan_combined``: compat/gpu.py)."""
     if seq_idx is not None:
         raise NotImplementedError("packed sequences (seq_idx) need the CUDA mamba kernels")
     if rmsnorm_weight is not None:
@@ -219,12 +221,12 @@ def split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_s
     z, xBC, dt = torch.split(zxbcdt, [dim, dim + 2 * ngroups * dstate, nheads], dim=-1)
     xBC = causal_conv1d(xBC.transpose(1, 2), conv1d_weight, conv1d_bias, activation=activation).transpose(1, 2)
     x, B, C = torch.split(xBC, [dim, ngroups * dstate, ngroups * dstate], dim=-1)
-    result = chunk_scan(
+    result = (scan or chunk_scan)(
         x.reshape(batch, seqlen, nheads, headdim), dt.to(x.dtype), A,
         B.reshape(batch, seqlen, ngroups, dstate), C.reshape(batch, seqlen, ngroups, dstate), chunk_size,
         D=D.float(), z=z.reshape(batch, seqlen, nheads, headdim), dt_bias=dt_bias, dt_softplus=True,
         dt_limit=dt_limit, initial_states=initial_states, return_final_states=return_final_states,
-        state_dtype=state_dtype,
+        **({} if state_dtype is None else {"state_dtype": state_dtype}),
     )
     out, final = result if return_final_states else (result, None)
     out = out.reshape(batch, seqlen, dim)
