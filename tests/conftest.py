@@ -140,3 +140,35 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def autoquant_run(tmp_path_factory):
+    """``autoquant_run(*overrides, nproc=1)``: the run directory of a real autoquant run (torchrun), made
+    once per session for each distinct call and shared across test files and xdist workers."""
+    from launch import run_stage
+
+    shared = _shared_root(tmp_path_factory)
+
+    def get(*overrides: str, nproc: int = 1):
+        def make(root: Path) -> str:
+            proc = run_stage("autoquant", [f"output_root={root}", *overrides], nproc=nproc)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            return proc.stdout
+
+        root = _once(shared / f"autoquant-{_key(list(overrides), nproc)}", make)
+        (run_dir,) = [d for d in (root / "autoquant").iterdir() if d.name != "scores"]
+        return run_dir
+    return get
+
+
+@pytest.fixture(scope="session")
+def runs(autoquant_run):
+    """``runs(name, *extra)``: the shared autoquant run (tests/aq_settings.py) at a layout: ``single``
+    (one process) or a LAYOUTS key."""
+    from aq_settings import BASE, FAST, LAYOUTS
+
+    def get(name, *extra):
+        overrides, nproc = ([], 1) if name == "single" else LAYOUTS[name]
+        return autoquant_run(f"+quant={BASE}", *FAST, *overrides, *extra, nproc=nproc)
+    return get
