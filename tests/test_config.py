@@ -21,7 +21,7 @@ def test_every_recipe_and_model_composes(repo):
         for model in _groups(repo, "model"):
             # model=auto takes any checkpoint, and its name from the checkpoint's directory
             path, name = (["model.path=/models/My-Nemotron-H/"], "My-Nemotron-H") if model == "auto" else ([], model)
-            for recipe in _groups(repo, "quant"):
+            for recipe in recipes.available():  # conf/quant/file.yaml is the entry for recipe files
                 cfg = compose("quantize", overrides=[f"+quant={recipe}", f"model={model}", *path])
                 assert cfg.quant.name == recipe
                 assert cfg.model.name == name
