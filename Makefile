@@ -1,5 +1,5 @@
 # Every target sets up .venv first (launch/setup.sh; a no-op when it is current).
-.PHONY: setup quantize export release test test-fast clean
+.PHONY: setup quantize export release test test-fast gpu-wheels gpu-check clean
 
 NPROC ?= 1
 RECIPE ?= mamba_moe_fp8_conservative
@@ -29,6 +29,13 @@ test: setup
 
 test-fast: setup
 	.venv/bin/python -m pytest tests -m "not distributed and not slow"
+
+## The GPU check (docs/gpu.md): wheels/gpu/ made here, then on a lent GPU machine the check itself.
+gpu-wheels: setup
+	bash bench/gpu_wheels.sh
+
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf runs outputs .pytest_cache

@@ -4,6 +4,7 @@ size 1 (gloo); multi-rank behaviour is tested by launching real torchrun jobs (t
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -11,6 +12,13 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+# One thread per process: `make test` runs one pytest worker per core and every stage subprocess with
+# one thread (tests/launch.py); more would oversubscribe the cores (waiting OpenMP threads spin), which
+# made in-process tests cost ~60% more CPU time on an idle machine and far more on a loaded one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "torch" in sys.modules:  # already imported by a plugin: the variable came too late for it
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,8 @@ FP8 = ["+quant=mamba_moe_fp8_conservative", "calib.num_samples=8", "quant.kv_cac
 SCAN_BOUND = 1e-5        # max |Δ| / max |reference| of the scan outputs
 AMAX_BOUND = 1e-4        # max relative amax difference over all quantizers
 LOGIT_BOUND = 1e-4       # relative L2 of the probe logits before quantization
-QUANTIZED_BOUND = 1e-3   # ... after: an activation on an FP8 rounding boundary may round the other way
+QUANTIZED_BOUND = 1e-2   # ... after: an activation on an FP8 rounding boundary may round the other way
+                         # (the CPU alone, bench_medium at 4 threads vs 1: 1.7e-3)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
