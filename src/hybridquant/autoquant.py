@@ -233,9 +233,10 @@ def search(chunks: list, recipe, pattern: str, opts: Options, batches: list[torc
     patch_modelopt()
     if len(chunks) != 1:
         raise NotImplementedError("virtual pipeline stages are not supported")
-    layer_offset = modules.global_layers(chunks[0])[0] if modules.global_layers(chunks[0]) else 0
-    searched, excluded = search_space(recipe, pattern, modules.global_layers(chunks[0]))
-    fixed = recipes.modelopt_config(recipe, pattern, modules.global_layers(chunks[0]))
+    local_layers = modules.global_layers(chunks[0])
+    layer_offset = local_layers[0] if local_layers else 0
+    searched, excluded = search_space(recipe, pattern, local_layers)
+    fixed = recipes.modelopt_config(recipe, pattern, local_layers)
     cost: dict[str, Any] = {"excluded_module_name_patterns": excluded}
     if opts.cost_model == "active_moe":
         cost["active_moe_expert_ratio"] = active_expert_ratio(provider)

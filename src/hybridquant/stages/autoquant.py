@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from hybridquant import (
     autoquant,
     calib,
+    modules,
     model,
     parallel,
     recipes,
@@ -58,7 +59,7 @@ class Plan:
 def plan(cfg: DictConfig) -> Plan:
     base = quantize.plan(cfg)
     opts = autoquant.options(cfg.autoquant, calib.validate(cfg.calib))
-    autoquant.search_space(base.recipe, base.pattern, list(range(len(base.pattern.replace("|", "").split("/")[0]))))
+    autoquant.search_space(base.recipe, base.pattern, list(range(len(modules.decoder_symbols(base.pattern)))))
     if opts.score_samples % base.layout.dp:
         raise UserError(f"autoquant.score_samples={opts.score_samples} is not a multiple of the data-parallel size "
                         f"{base.layout.dp} (each rank scores the same number of its own samples)")
