@@ -123,14 +123,15 @@ def _cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
-def load_quantized(directory: Path, layout, spec: str = "auto"):
+def load_quantized(directory: Path, layout, spec: str = "auto", training: dict[str, Any] | None = None):
     """Build the Megatron model described by a quantized checkpoint for ``layout`` (which may differ
-    from the one it was saved with) and restore it. Process groups must exist."""
+    from the one it was saved with) and restore it. Process groups must exist. ``training``: see
+    ``model.make_provider``."""
     from hybridquant import model
 
     meta = read_metadata(directory)
     bridge, provider = model.make_provider(str(hf_dir(directory)), layout, meta["dtype"], spec,
-                                           router_dtype=meta.get("router_dtype"))
+                                           router_dtype=meta.get("router_dtype"), training=training)
     chunks = model.build(provider)
     load_into(chunks, directory)
     return model.LoadedModel(bridge=bridge, provider=provider, chunks=chunks), meta

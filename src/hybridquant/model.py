@@ -59,14 +59,15 @@ def select_spec(spec: str):
 
 
 def make_provider(hf_path: str, layout, dtype: str, spec: str = "auto", restore_modelopt_state: bool = False,
-                  router_dtype: str | None = None):
+                  router_dtype: str | None = None, training: dict[str, Any] | None = None):
     """Return (bridge, provider) configured for ``layout`` but not yet built. ``router_dtype='fp32'``
     runs the MoE router (logits, top-k, expert weighting) in FP32 whatever the model dtype; ``None``
-    keeps megatron-bridge's setting for the model."""
+    keeps megatron-bridge's setting for the model. ``training``: transformer-config settings of a
+    training run (loss normalisation, auxiliary losses), applied last."""
     cpu_compat.apply()
     AutoBridge = import_auto_bridge()
     bridge = AutoBridge.from_hf_pretrained(hf_path, torch_dtype=DTYPES[dtype])
-    return bridge, _configure(bridge, layout, dtype, spec, restore_modelopt_state, router_dtype)
+    return bridge, _configure(bridge, layout, dtype, spec, restore_modelopt_state, router_dtype, training)
 
 
 def provider_from_config(hf_config, layout, dtype: str, spec: str = "auto", router_dtype: str | None = None):
@@ -76,7 +77,8 @@ def provider_from_config(hf_config, layout, dtype: str, spec: str = "auto", rout
     return _configure(AutoBridge.from_hf_config(hf_config), layout, dtype, spec, False, router_dtype)
 
 
-def _configure(bridge, layout, dtype: str, spec: str, restore_modelopt_state: bool, router_dtype: str | None):
+def _configure(bridge, layout, dtype: str, spec: str, restore_modelopt_state: bool, router_dtype: str | None,
+               training: dict[str, Any] | None = None):
     torch_dtype = DTYPES[dtype]
     provider = bridge.to_megatron_provider(load_weights=False)
     provider.tensor_model_parallel_size = layout.tp
@@ -110,6 +112,10 @@ def _configure(bridge, layout, dtype: str, spec: str, restore_modelopt_state: bo
     # null keeps the bridge's choice for the model (Nemotron-H: fp32, as transformers and vLLM route).
     if router_dtype is not None:
         settings["moe_router_dtype"] = router_dtype
+    for key, value in (training or {}).items():
+        if not hasattr(provider, key):
+            raise AttributeError(f"megatron's transformer config has no setting {key!r}")
+        settings[key] = value
     for key, value in settings.items():
         setattr(provider, key, value)
     provider.finalize()
@@ -134,12 +140,13 @@ def build_on_meta(provider) -> torch.nn.Module:
         return provider.provide(pre_process=True, post_process=True)
 
 
-def load_hf(hf_path: str, layout, dtype: str, spec: str = "auto", router_dtype: str | None = None) -> LoadedModel:
+def load_hf(hf_path: str, layout, dtype: str, spec: str = "auto", router_dtype: str | None = None,
+            training: dict[str, Any] | None = None) -> LoadedModel:
     """Build the Megatron model for ``layout`` and load the HF weights into it, strictly: every tensor
     of the checkpoint must be taken by a mapping and every Megatron parameter written (one error line
     naming them otherwise, on every rank). Collective when the layout has more than one rank."""
     tensors = hf_checkpoint.CheckpointTensors(hf_path)  # unreadable files fail before anything is built
-    bridge, provider = make_provider(hf_path, layout, dtype, spec, router_dtype=router_dtype)
+    bridge, provider = make_provider(hf_path, layout, dtype, spec, router_dtype=router_dtype, training=training)
     chunks = build(provider)
     targets = _mark_unloaded(chunks)
     from megatron.bridge.models.hf_pretrained.state import StateDict

@@ -214,6 +214,50 @@ class EvaluateConf:
 
 
 @dataclass
+class QadOptions:
+    """Quantization-aware distillation (conf/qad/default.yaml documents each setting)."""
+    data: List[Any] = field(default_factory=list)   # [{path, weight, split?, subset?, text_column?, messages_column?}]
+    tokens: int = MISSING
+    global_batch_size: int = 8
+    max_seq_len: int = 256
+    lr: float = 1.0e-5
+    min_lr: float = 0.0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    skip_lm_loss: bool = True
+    kd_loss_scale: float = 1.0
+    learn_scales: bool = False
+    save_every: int = 100
+    eval_every: int = 100
+    heldout_path: str = "package:heldout.jsonl"
+    heldout_samples: int = 8
+    seed: int = 0
+    thinking: Optional[bool] = None
+    moe_aux_loss_coeff: float = 0.0
+    update_expert_bias: bool = False
+    resume: bool = True
+
+
+@dataclass
+class QadConf:
+    checkpoint: str = MISSING
+    teacher: Optional[str] = None     # the BF16 checkpoint (default: the source the checkpoint records)
+    parallel: LoadLayoutConf = field(default_factory=LoadLayoutConf)
+    cluster: ClusterConf = MISSING
+    qad: QadOptions = MISSING
+    seed: int = 1234
+    output_root: str = "runs"
+    run_name: str = MISSING
+    plot: bool = True
+
+
+@dataclass
 class TrainConf:
     model: ModelConf = MISSING
 
@@ -261,4 +305,5 @@ def register() -> None:
     cs.store(name="export_schema", node=ExportConf)
     cs.store(name="generate_schema", node=GenerateConf)
     cs.store(name="train_schema", node=TrainConf)
+    cs.store(name="qad_schema", node=QadConf)
     cs.store(name="evaluate_schema", node=EvaluateConf)

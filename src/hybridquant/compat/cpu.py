@@ -23,7 +23,8 @@ when CUDA is absent (``apply()`` is a no-op on a GPU machine):
   are refused.
 * ``HybridStack.final_norm`` and ModelOpt's TE-free hybrid spec instantiate Transformer-Engine norms
   unconditionally: on CPU they use megatron's own ``WrappedTorchNorm`` (same RMSNorm maths, same
-  parameter name ``weight``).
+  parameter name ``weight``), which refuses sequence parallelism: there its weights are marked
+  ``sequence_parallel`` so that their gradients are all-reduced over TP, as TE's are.
 * The MoE all-to-all dispatcher asks for its split sizes "as numpy" to hand them to
   ``all_to_all_single``; its helper only converts CUDA tensors, and gloo needs plain sequences, so
   CPU split-size tensors are converted too.
@@ -38,6 +39,12 @@ when CUDA is absent (``apply()`` is a no-op on a GPU machine):
 * Tied embeddings under pipeline parallelism: the last stage's copy of the embedding is filled from
   the first stage by an all-reduce that megatron runs on ``weight.data.cuda()``: on CPU, while that
   set-up runs, ``Tensor.cuda()`` leaves a CPU tensor where it is.
+* megatron-core's optimiser (``FP32Optimizer`` / ``Float16OptimizerWithFloat16Params``, global-norm
+  gradient clipping, megatron's own l2-norm fallback) allocates its scale, overflow flags and norm
+  accumulators with ``device="cuda"``: on CPU they land on the CPU (the ``torch`` those modules see remaps the device
+  of ``tensor``/``zeros``); and it checks parameter and gradient types by CUDA type name
+  (``'torch.cuda.FloatTensor'``...): ``cuda_type_names()``, entered around building the optimiser and
+  its step, gives CPU tensors the CUDA name of their dtype (``Tensor.type()`` with no argument only).
 * megatron's ``jit_fuser`` is ``torch.compile``: on CPU every new input shape (each calibration
   sample length, each generated token) is compiled by inductor's C++ backend, seconds each (the
   first 6 generation steps of the tiny model: 30 s, against 0.1 s per eager forward). On CPU,
@@ -230,10 +237,30 @@ def _patch_mamba_inference() -> None:
 def _patch_te_norms() -> None:
     import megatron.core.models.hybrid.hybrid_block as hybrid_block
     import megatron.core.post_training.modelopt.hybrid.model_specs as modelopt_specs
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    hybrid_block.TENorm = WrappedTorchNorm
-    modelopt_specs.Norm = WrappedTorchNorm
+    hybrid_block.TENorm = _SequenceParallelTorchNorm
+    modelopt_specs.Norm = _SequenceParallelTorchNorm
+
+
+class _SequenceParallelTorchNorm:
+    """megatron's ``WrappedTorchNorm``, also under sequence parallelism (which megatron trains MoE layers
+    under TP with): the norm's maths is per position, so only its weight gradient differs, being a sum
+    over this rank's positions; ``sequence_parallel=True`` on its parameters makes
+    ``finalize_model_grads`` all-reduce those over TP, as for Transformer-Engine's norms."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        if not config.sequence_parallel:
+            return WrappedTorchNorm(config, hidden_size, eps, **kwargs)
+        config.sequence_parallel = False  # WrappedTorchNorm refuses it; restored at once
+        try:
+            norm = WrappedTorchNorm(config, hidden_size, eps, **kwargs)
+        finally:
+            config.sequence_parallel = True
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
 
 
 def _patch_schedules() -> None:
@@ -250,6 +277,52 @@ def _patch_schedules() -> None:
     proxy.__dict__.update(torch.__dict__)
     proxy.zeros = zeros
     schedules.torch = proxy
+
+
+def _cpu_device_torch(module) -> None:
+    """``module``'s ``torch`` with ``tensor``/``zeros`` placing ``device="cuda"`` tensors on the CPU."""
+    def on_cpu(fn):
+        def call(*args, **kwargs):
+            if str(kwargs.get("device")) == "cuda":
+                kwargs["device"] = "cpu"
+            return fn(*args, **kwargs)
+        return call
+
+    proxy = types.ModuleType("torch")
+    proxy.__dict__.update(torch.__dict__)
+    proxy.zeros, proxy.tensor = on_cpu(torch.zeros), on_cpu(torch.tensor)
+    module.torch = proxy
+
+
+def _patch_optimizer() -> None:
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.optimizer.optimizer as optimizer
+    import megatron.core.utils as utils  # local_multi_tensor_l2_norm (no apex / TE)
+
+    for module in (optimizer, clip_grads, utils):
+        _cpu_device_torch(module)
+
+
+@contextlib.contextmanager
+def cuda_type_names():
+    """While active (and only without CUDA), ``t.type()`` of a CPU tensor answers the CUDA type name of its
+    dtype, for megatron-core's optimiser checks. No-op on a CUDA machine."""
+    if torch.cuda.is_available():
+        yield
+        return
+    real = torch.Tensor.type
+
+    def type_name(tensor, *args, **kwargs):
+        name = real(tensor, *args, **kwargs)
+        if args or kwargs or not isinstance(name, str) or tensor.is_cuda:
+            return name
+        return name.replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.type = type_name
+    try:
+        yield
+    finally:
+        torch.Tensor.type = real
 
 
 def _patch_moe_alltoall() -> None:
@@ -375,6 +448,7 @@ def apply() -> bool:
     _patch_mamba_inference()
     _patch_te_norms()
     _patch_schedules()
+    _patch_optimizer()
     _patch_moe_alltoall()
     _patch_uneven_collectives()
     _patch_moe_latent_projections()
