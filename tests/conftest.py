@@ -180,3 +180,32 @@ def runs(autoquant_run):
         overrides, nproc = ([], 1) if name == "single" else LAYOUTS[name]
         return autoquant_run(f"+quant={BASE}", *FAST, *overrides, *extra, nproc=nproc)
     return get
+
+
+@pytest.fixture(scope="session")
+def qad_student(quantized):
+    """The quantized checkpoint the qad tests distil (tests/qad_settings.py), shared like ``quantized``."""
+    from qad_settings import STUDENT
+
+    return quantized(*STUDENT)
+
+
+@pytest.fixture(scope="session")
+def qad_run(qad_student, tmp_path_factory):
+    """``qad_run(*overrides, nproc=1)``: the run directory of a real, uninterrupted qad run (torchrun) of
+    ``qad_student`` with tests/qad_settings.py's FAST settings, once per session for each distinct call,
+    shared across test files and xdist workers."""
+    from launch import run_stage
+    from qad_settings import FAST
+
+    shared = _shared_root(tmp_path_factory)
+
+    def get(*overrides: str, nproc: int = 1):
+        def make(root: Path) -> str:
+            proc = run_stage("qad", [f"checkpoint={qad_student}", f"hydra.run.dir={root / 'run'}", *FAST, *overrides],
+                             nproc=nproc)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            return proc.stdout
+
+        return _once(shared / f"qad-{_key(list(overrides), nproc)}", make) / "run"
+    return get

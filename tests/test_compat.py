@@ -72,3 +72,42 @@ def test_bridge_imports_without_transformer_engine_and_leaves_no_stand_in():
 
         with pytest.raises(ImportError, match="Transformer-Engine"):
             lora_layers.te.Linear(4, 4)
+
+
+def test_torch_norm_under_sequence_parallelism_refused_by_megatron_and_stood_in(world1):
+    """megatron trains MoE layers under TP only with sequence parallelism, and its TE-free norm refuses
+    it; the CPU stand-in builds the same norm and marks its weight for the TP all-reduce of gradients."""
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    from hybridquant.compat import cpu
+
+    cpu.apply()
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, normalization="RMSNorm")
+    config.sequence_parallel = True  # as the TP>1 training config has it (this world has one rank)
+    with pytest.raises(AssertionError, match="sequence parallel not supported by torch LayerNorm"):
+        WrappedTorchNorm(config, 8)
+    norm = cpu._SequenceParallelTorchNorm(config, 8)
+    assert config.sequence_parallel and isinstance(norm, torch.nn.RMSNorm)
+    assert all(p.sequence_parallel for p in norm.parameters())
+    config.sequence_parallel = False
+    assert not hasattr(next(cpu._SequenceParallelTorchNorm(config, 8).parameters()), "sequence_parallel")
+
+
+def test_megatron_optimizer_allocations_land_on_the_cpu(world1):
+    """megatron-core's optimiser and norm helpers allocate with device='cuda' (no GPU here: an error)."""
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.utils as mcore_utils
+
+    from hybridquant.compat import cpu
+
+    cpu.apply()
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError):
+            torch.zeros(1, device="cuda")
+    for module in (clip_grads, mcore_utils):
+        assert module.torch.zeros(1, device="cuda").device.type == "cpu"
+        assert module.torch.tensor([1.0], device="cuda").device.type == "cpu"
+    grads = [torch.full((3,), 2.0), torch.full((4,), 1.0)]
+    norm = clip_grads.get_grad_norm_fp32(grads)  # megatron's own l2-norm fallback, on CPU
+    assert norm == pytest.approx((3 * 4.0 + 4 * 1.0) ** 0.5)

@@ -109,7 +109,7 @@ tags: [nemotron-h, mamba, moe, modelopt, {quant_algo_tag(hf_quant['quant_algo'])
 
 {recipe_markdown(quant, model)}
 
-Excluded from quantization (BF16/FP32): {', '.join(f'`{m}`' for m in hf_quant.get('exclude_modules', [])[:12]) or 'none'}{' …' if len(hf_quant.get('exclude_modules', [])) > 12 else ''}
+{qad_markdown(release_dir)}Excluded from quantization (BF16/FP32): {', '.join(f'`{m}`' for m in hf_quant.get('exclude_modules', [])[:12]) or 'none'}{' …' if len(hf_quant.get('exclude_modules', [])) > 12 else ''}
 
 ## Calibration data
 
@@ -130,6 +130,21 @@ the resolved configuration, package versions, git commit, seeds, calibration dat
 sha256 of every file of the release (this one included). `python pipeline/verify.py runs/release/{name}`
 re-hashes a copy against it; `python pipeline/release.py experiment=<experiment>` rebuilds it.
 """
+
+
+def qad_markdown(release_dir: Path) -> str:
+    """The distillation the checkpoint went through after quantization (nothing without a qad stage)."""
+    path = Path(release_dir) / "qad" / "report.json"
+    if not path.is_file():
+        return ""
+    r = _read_json(path)
+    s, before, after = r["settings"], r["heldout"]["before"], r["heldout"]["after"]
+    data = ", ".join(f"`{d['path']}` ({d.get('weight', 1)})" for d in s["data"])
+    return (f"After calibration the quantized model was trained by quantization-aware distillation (QAD) from the "
+            f"BF16 source: {r['steps']} steps of {r['global_batch_size']} samples ({r['tokens']} tokens of {data}), "
+            f"logit KL (ModelOpt), LR {s['lr']} {s['lr_schedule']}, scales as calibrated. Held-out KL to the "
+            f"source {before['kl_mean']:.4g} -> {after['kl_mean']:.4g}, perplexity {before['perplexity']:.3f} -> "
+            f"{after['perplexity']:.3f} (source {after['teacher_perplexity']:.3f}).\n\n")
 
 
 def quant_algo_tag(algo: str) -> str:

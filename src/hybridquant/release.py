@@ -1,8 +1,9 @@
-"""The release pipeline: quantize -> export -> evaluate -> model card, reproducibly and resumably.
+"""The release pipeline: quantize [-> qad] -> export -> evaluate -> model card, reproducibly and resumably.
 
 A release directory (``<output_root>/release/<name>/``)::
 
     quantize/          the quantize run (Megatron checkpoint, report.json, config.yaml)
+    qad/               with ``release.qad``: the quantized checkpoint distilled from the source (export's input)
     export/            the Hugging Face checkpoint in ModelOpt format; export/README.md is the model card
     evaluate/          evaluation.json / .png of the quantize run and of the export vs the reference
     logs/<stage>.log   each stage's output
@@ -40,7 +41,7 @@ log = logging.getLogger("hybridquant.release")
 REPO = Path(__file__).resolve().parents[2]
 MANIFEST = "release.json"
 RECORDS = ".stages"
-STAGES = ("quantize", "export", "evaluate", "card")
+STAGES = ("quantize", "qad", "export", "evaluate", "card")
 CARD = "README.md"
 FORMAT = 1  # bump when what a stage record means changes: every stage then re-runs
 
@@ -63,7 +64,22 @@ class Stage:
 # The plan: what each stage runs, from the release config.
 
 def _kv(prefix: str, values: dict) -> list[str]:
-    return [f"{prefix}.{k}={v}" for k, v in values.items() if v is not None]
+    return [f"{prefix}.{k}={_override_value(v)}" for k, v in values.items() if v is not None]
+
+
+def _override_value(value: Any) -> str:
+    """A value in Hydra's override grammar (lists and dicts of settings, e.g. qad.data)."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_override_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, str) and any(c in value for c in ":,[]{}=' "):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return str(value)
 
 
 def ranks_of(parallel: dict) -> int:
@@ -83,18 +99,28 @@ def plan(cfg: DictConfig, release_dir: Path) -> list[Stage]:
         *_kv("parallel", r["quantize_parallel"]), *searched, f"hydra.run.dir={d / 'quantize'}",
         *r["overrides"].get("quantize", [])], ranks_of(r["quantize_parallel"]),
         script="autoquant" if searched else None)
+    # With release.qad set, the quantized checkpoint is distilled from the source before export.
+    qad = None
+    if r.get("qad"):
+        qad_layout = {k: v for k, v in (r.get("qad_parallel") or {}).items() if v is not None}
+        qad = Stage("qad", ["qad"], [
+            f"checkpoint={d / 'quantize'}", f"seed={cfg.seed}", *_kv("qad", r["qad"]), *_kv("parallel", qad_layout),
+            f"hydra.run.dir={d / 'qad'}", *r["overrides"].get("qad", [])],
+            ranks_of(qad_layout) if qad_layout else ranks_of(r["quantize_parallel"]))
+    trained = d / ("qad" if qad else "quantize")
     export_layout = {k: v for k, v in r["export_parallel"].items() if v is not None}
     export = Stage("export", ["export"], [
-        f"checkpoint={d / 'quantize'}", f"output_dir={d / 'export'}", "export.overwrite=true", f"seed={cfg.seed}",
+        f"checkpoint={trained}", f"output_dir={d / 'export'}", "export.overwrite=true", f"seed={cfg.seed}",
         *_kv("parallel", export_layout), *r["overrides"].get("export", [])],
         ranks_of(export_layout) if export_layout else ranks_of(r["quantize_parallel"]))
     evaluate = Stage("evaluate", ["evaluate"], [
-        f"checkpoints=[{d / 'quantize'},{d / 'export'}]", f"model={r['model']}", f"seed={cfg.seed}",
+        f"checkpoints=[{','.join(str(x) for x in [d / 'quantize', *([trained] if qad else []), d / 'export'])}]",
+        f"model={r['model']}", f"seed={cfg.seed}",
         *_kv("evaluation", r["evaluation"]), *_kv("parallel", r["evaluate_parallel"]),
         f"hydra.run.dir={d / 'evaluate'}", *r["overrides"].get("evaluate", [])], ranks_of(r["evaluate_parallel"]))
     card_stage = Stage("card", [f"export/{CARD}"], [f"format={FORMAT}"], 1,
                        run=lambda: run_module("card", ["hybridquant.model_card", str(d)], d / "logs"))
-    return [quantize, export, evaluate, card_stage]
+    return [quantize, *([qad] if qad else []), export, evaluate, card_stage]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,7 +235,9 @@ def execute(stages: list[Stage], release_dir: Path, runner: Runner, versions: di
             record_path(release_dir, stage.name).unlink(missing_ok=True)
             for rel in stage.outputs:  # a re-run starts clean: no stale file survives into the release
                 target = release_dir / rel
-                if target.is_dir() and stage.name != "export":  # export replaces its directory itself
+                # export replaces its directory itself; an unfinished qad run (no record) resumes from its
+                # last checkpoint, and refuses one-line if its settings have changed since
+                if target.is_dir() and stage.name != "export" and not (stage.name == "qad" and not record):
                     shutil.rmtree(target)
                 elif target.is_file():
                     target.unlink()

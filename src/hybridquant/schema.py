@@ -273,6 +273,10 @@ class ReleaseSpec:
     # run that chooses per-layer formats on the base recipe; {}: quantize with `quant` as it is.
     autoquant: Dict[str, Any] = field(default_factory=dict)
     calib: Dict[str, Any] = field(default_factory=dict)       # calib.* overrides (num_samples, max_seq_len, ...)
+    # qad.* settings (data, tokens, lr, ...): when set, a qad stage distils the quantized checkpoint from
+    # its source after quantize / autoquant, and export takes the distilled checkpoint.
+    qad: Dict[str, Any] = field(default_factory=dict)
+    qad_parallel: LoadLayoutConf = field(default_factory=LoadLayoutConf)  # null: as calibrated
     quantize_parallel: ParallelConf = field(default_factory=ParallelConf)
     export_parallel: LoadLayoutConf = field(default_factory=LoadLayoutConf)  # null: as calibrated
     evaluate_parallel: ParallelConf = field(default_factory=ParallelConf)

@@ -149,6 +149,8 @@ def _entry(path: str) -> Entry:
 def _label(meta: dict, run_dir: Path | None) -> str:
     """The recipe's name, plus the options the quantize run changed from the recipe file."""
     name = meta.get("recipe") or "?"
+    if meta.get("qad"):  # a distilled checkpoint: its recipe, after QAD
+        return f"{name} + QAD ({meta['qad']['step']} steps)"
     report = _report(run_dir)
     recipe_file = recipes.CONF_DIR / "quant" / f"{name}.yaml"
     if not report or not recipe_file.is_file():

@@ -166,7 +166,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     curve = {"steps": [], "evals": []}
     if start:
         curve = _restore(resume_dir, opt, scheduler)
-        log.info("resuming at step %d of %d from %s", start, p.steps, resume_dir)
+        if parallel.is_main():
+            print(f"qad: resuming at step {start} of {p.steps} from {resume_dir}", flush=True)
     else:
         curve["evals"].append(_evaluate(ddp, teacher_logits, heldout, vocab, 0))
     if parallel.is_main():
@@ -332,7 +333,7 @@ def _finish(cfg: DictConfig, p: Plan, run_dir: Path, student, curve: dict, timin
         }
         reporting.write_json_atomic(run_dir / "report.json", report)
         print(f"qad: held-out KL vs teacher {before['kl_mean']:.4g} -> {after['kl_mean']:.4g} "
-              f"({100 * report['heldout']['kl_reduction']:.1f}% lower); perplexity {before['perplexity']:.3f} -> "
+              f"({-100 * report['heldout']['kl_reduction']:+.1f}%); perplexity {before['perplexity']:.3f} -> "
               f"{after['perplexity']:.3f} (teacher {after['teacher_perplexity']:.3f}); top-1 "
               f"{before['top1_agreement']:.3f} -> {after['top1_agreement']:.3f}", flush=True)
         print(f"checkpoint: {final}", flush=True)
