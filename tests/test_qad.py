@@ -97,7 +97,6 @@ def _qad_conf(**changes):
     ({"lr_schedule": "step"}, "qad.lr_schedule must be one of constant, cosine, linear"),
     ({"min_lr": 1.0}, "qad.lr must be > 0 and min_lr in [0, lr]"),
     ({"max_seq_len": 1}, "qad.max_seq_len must be >= 2"),
-    ({"learn_scales": True}, "qad.learn_scales=true: ModelOpt's fake quantization gives no gradient"),
 ])
 def test_bad_options_are_one_line_errors(changes, message):
     with pytest.raises(UserError) as err:
@@ -212,6 +211,20 @@ def test_release_preset_adds_qad_between_quantize_and_export(tmp_path):
     assert OmegaConf.to_container(qcfg.qad.data) == [{"path": "package:chat.jsonl", "weight": 0.6},
                                                      {"path": "package:calib.jsonl", "weight": 0.4}]
     assert qcfg.qad.lr == 3.0e-4 and qcfg.qad.tokens == 8000
+
+
+def test_scales_are_frozen_unless_learned_and_learning_needs_lsq_parameters():
+    """Calibrated amax are buffers (nothing to learn); amax parameters (ModelOpt's LSQ) train only on request."""
+    model = torch.nn.Module()
+    model.layer = torch.nn.Linear(2, 2)
+    with pytest.raises(UserError, match="quantize with ModelOpt's LSQ algorithm"):
+        qad.set_scales_trainable([model], learn=True)
+    assert qad.set_scales_trainable([model], learn=False) == 0
+    model.layer.weight_quantizer = torch.nn.Module()
+    model.layer.weight_quantizer._amax_post = torch.nn.Parameter(torch.ones(2))
+    assert qad.set_scales_trainable([model], learn=False) == 1
+    assert not model.layer.weight_quantizer._amax_post.requires_grad and model.layer.weight.requires_grad
+    assert qad.set_scales_trainable([model], learn=True) == 1 and model.layer.weight_quantizer._amax_post.requires_grad
 
 
 def test_cuda_type_names_only_while_active():

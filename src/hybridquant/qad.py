@@ -122,11 +122,6 @@ def options(conf) -> Options:
     need(conf.temperature > 0, f"temperature must be > 0, got {conf.temperature}")
     need(conf.top_k is None or int(conf.top_k) >= 1, f"top_k must be null or >= 1, got {conf.top_k}")
     need(conf.kd_loss_scale > 0, f"kd_loss_scale must be > 0, got {conf.kd_loss_scale}")
-    if conf.learn_scales:
-        # ModelOpt 0.47's TensorQuantizer keeps amax as a buffer and its fake-quant autograd functions
-        # return no gradient for it: there is nothing to learn with.
-        raise UserError("qad.learn_scales=true: ModelOpt's fake quantization gives no gradient for the "
-                        "scales (amax is a buffer), so scales stay as calibrated; set qad.learn_scales=false")
     return Options(data=sources, tokens=int(conf.tokens), global_batch_size=int(conf.global_batch_size),
                    max_seq_len=int(conf.max_seq_len), lr=float(conf.lr), min_lr=float(conf.min_lr),
                    lr_schedule=str(conf.lr_schedule), warmup_steps=int(conf.warmup_steps),
@@ -134,7 +129,7 @@ def options(conf) -> Options:
                    adam_beta2=float(conf.adam_beta2), clip_grad=float(conf.clip_grad),
                    temperature=float(conf.temperature), top_k=None if conf.top_k is None else int(conf.top_k),
                    skip_lm_loss=bool(conf.skip_lm_loss), kd_loss_scale=float(conf.kd_loss_scale),
-                   learn_scales=False, save_every=int(conf.save_every), eval_every=int(conf.eval_every),
+                   learn_scales=bool(conf.learn_scales), save_every=int(conf.save_every), eval_every=int(conf.eval_every),
                    heldout_path=str(conf.heldout_path), heldout_samples=int(conf.heldout_samples),
                    seed=int(conf.seed), thinking=conf.thinking, moe_aux_loss_coeff=float(conf.moe_aux_loss_coeff),
                    update_expert_bias=bool(conf.update_expert_bias))
@@ -181,7 +176,7 @@ class Blend:
             usable = 0
             for index in self._order(i, epoch):
                 row = rows[index]
-                where = rows.where(index) if hasattr(rows, "where") else f"{s.path} row {index}"
+                where = rows.where(index)
                 text = calib.row_text(row, self.tokenizer, text_column=s.text_column,
                                       messages_column=s.messages_column, thinking=self.thinking, where=where)
                 if text in self.heldout:
@@ -238,6 +233,20 @@ def distill(student_chunks: list, teacher_chunks: list, opts: Options):
         raise RuntimeError("ModelOpt's distillation conversion returned a new module")
     mtd_mcore.adjust_distillation_model_for_mcore(model, cfg)
     return cfg
+
+
+def set_scales_trainable(chunks: list, learn: bool) -> int:
+    """Quantizer scales (amax) that are parameters: ModelOpt makes them so only for its LSQ algorithm
+    (learned NVFP4 block scales, a recipe with ``algorithm: {method: lsq}``); calibrated amax are buffers.
+    ``learn``: train them with the weights (there must be some), else freeze them. Returns their count."""
+    scales = [p for chunk in chunks for name, p in chunk.named_parameters() if "_amax" in name.rsplit(".", 1)[-1]]
+    if learn and not scales:
+        raise UserError("qad.learn_scales=true, but the checkpoint's scales are calibrated buffers, not parameters: "
+                        "quantize with ModelOpt's LSQ algorithm (recipe algorithm {method: lsq}) to learn them, "
+                        "or set qad.learn_scales=false")
+    for p in scales:
+        p.requires_grad_(learn)
+    return len(scales)
 
 
 def distillation_model(chunk):

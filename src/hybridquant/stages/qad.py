@@ -159,6 +159,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     heldout = _heldout_samples(tokenizer, p.opts)
     teacher_logits = _logits(teacher.chunks, heldout, vocab)
+    learned_scales = qad.set_scales_trainable(student.chunks, p.opts.learn_scales)
     qad.distill(student.chunks, teacher.chunks, p.opts)
     ddp = qad.wrap_ddp(student.chunks)
     opt, scheduler = qad.optimizer(ddp, p.opts, p.steps)
@@ -198,7 +199,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             _save_step(ddp, student, run_dir, step, p, opt, scheduler, curve)
             parallel.fault_point(f"step{step}")
     timings["train_s"] = time.perf_counter() - t_train
-    return _finish(cfg, p, run_dir, student, curve, timings, t_start)
+    return _finish(cfg, p, run_dir, student, curve, timings, t_start, learned_scales)
 
 
 def _last_stage() -> bool:
@@ -305,7 +306,8 @@ def _restore(step_dir: Path, opt, scheduler) -> dict:
     return state["curve"]
 
 
-def _finish(cfg: DictConfig, p: Plan, run_dir: Path, student, curve: dict, timings: dict, t_start: float) -> dict:
+def _finish(cfg: DictConfig, p: Plan, run_dir: Path, student, curve: dict, timings: dict, t_start: float,
+            learned_scales: int = 0) -> dict:
     """The final checkpoint (a copy of the last step's), the curves, then report.json. Collective."""
     last = _step_dir(run_dir, p.steps)
     report: dict[str, Any] = {}
@@ -326,7 +328,7 @@ def _finish(cfg: DictConfig, p: Plan, run_dir: Path, student, curve: dict, timin
             "recipe": p.meta.get("recipe"), "model": p.meta.get("model"),
             "layout": reporting.layout_dict(p.layout),
             "steps": p.steps, "tokens": sum(p.step_tokens), "global_batch_size": p.opts.global_batch_size,
-            "settings": OmegaConf.to_container(cfg.qad, resolve=True),
+            "settings": OmegaConf.to_container(cfg.qad, resolve=True), "learned_scales": learned_scales,
             "heldout": {"before": before, "after": after,
                         "kl_reduction": 1.0 - after["kl_mean"] / before["kl_mean"] if before["kl_mean"] else 0.0},
             "timings": {k: round(v, 2) for k, v in timings.items()},
