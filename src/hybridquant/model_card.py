@@ -142,7 +142,8 @@ def qad_markdown(release_dir: Path) -> str:
     data = ", ".join(f"`{d['path']}` ({d.get('weight', 1)})" for d in s["data"])
     return (f"After calibration the quantized model was trained by quantization-aware distillation (QAD) from the "
             f"BF16 source: {r['steps']} steps of {r['global_batch_size']} samples ({r['tokens']} tokens of {data}), "
-            f"logit KL (ModelOpt), LR {s['lr']} {s['lr_schedule']}, scales as calibrated. Held-out KL to the "
+            f"logit KL (ModelOpt), LR {s['lr']} {s['lr_schedule']}, "
+            f"{'scales learned (LSQ)' if r.get('learned_scales') else 'scales as calibrated'}. Held-out KL to the "
             f"source {before['kl_mean']:.4g} -> {after['kl_mean']:.4g}, perplexity {before['perplexity']:.3f} -> "
             f"{after['perplexity']:.3f} (source {after['teacher_perplexity']:.3f}).\n\n")
 
