@@ -51,3 +51,19 @@ def prepare(run_dir: Path, cfg, stale: tuple[str, ...]) -> None:
         path = run_dir / name
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def settings_differ(record: Path, wanted: dict, remedy: str) -> list[str] | None:
+    """Keys in which the settings recorded in the JSON file ``record`` differ from ``wanted`` (None: no
+    record yet). A corrupt record is a one-line error ending with ``remedy``."""
+    import json
+
+    from hybridquant.errors import UserError
+
+    if not Path(record).is_file():
+        return None
+    try:
+        have = json.loads(Path(record).read_text())
+    except ValueError:
+        raise UserError(f"{record} is corrupt; {remedy}") from None
+    return sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))

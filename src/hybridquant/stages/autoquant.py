@@ -21,7 +21,6 @@ is refused rather than given foreign scores.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -87,14 +86,9 @@ def fingerprint(cfg: DictConfig, p: Plan) -> dict[str, Any]:
 def check_scores_dir(scores_dir: Path, wanted: dict[str, Any]) -> bool:
     """Whether ``scores_dir`` holds scores for ``wanted`` (False: none yet); scores computed for other
     settings are an error. Every rank, before any process group exists."""
-    meta = scores_dir / "meta.json"
-    if not meta.is_file():
+    differ = rundir.settings_differ(scores_dir / "meta.json", wanted, f"remove {scores_dir}")
+    if differ is None:
         return False
-    try:
-        have = json.loads(meta.read_text())
-    except ValueError:
-        raise UserError(f"{meta} is corrupt; remove {scores_dir}") from None
-    differ = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
     if differ:
         raise UserError(f"{scores_dir} holds scores computed with other settings ({', '.join(differ)}); "
                         "remove it or set autoquant.scores_dir")

@@ -20,7 +20,6 @@ uninterrupted run reaches (bit for bit on CPU).
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -110,16 +109,11 @@ def last_checkpoint(run_dir: Path) -> int:
 
 def check_resume(run_dir: Path, wanted: dict[str, Any], resume: bool) -> int:
     """The step to continue from (0: start). Every rank, before any process group exists."""
-    state = run_dir / STATE
-    if not state.is_file():
-        return 0
     if not resume:
         return 0
-    try:
-        have = json.loads(state.read_text())
-    except ValueError:
-        raise UserError(f"{state} is corrupt; remove {run_dir} or set qad.resume=false") from None
-    differ = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
+    differ = rundir.settings_differ(run_dir / STATE, wanted, f"remove {run_dir} or set qad.resume=false")
+    if differ is None:
+        return 0
     if differ:
         raise UserError(f"{run_dir} holds a qad run with other settings ({', '.join(differ)}); "
                         "remove it, choose another run directory or set qad.resume=false")
