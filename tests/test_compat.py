@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,3 +73,27 @@ def test_bridge_imports_without_transformer_engine_and_leaves_no_stand_in():
 
         with pytest.raises(ImportError, match="Transformer-Engine"):
             lora_layers.te.Linear(4, 4)
+
+
+def test_synchronous_checkpoint_save_starts_no_helper_process(world1, tmp_path):
+    """megatron-core hands a synchronous save's write results back through a spawned Manager process;
+    with ours the save starts no process, and what it wrote loads back."""
+    import multiprocessing
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from hybridquant.compat import cpu
+    from hybridquant.compat.dist_checkpoint import in_process_write_results
+
+    cpu.apply()  # the writer's host copy calls torch.cuda.synchronize
+    assert "Manager()" in Path(filesystem_async.__file__).read_text()  # the default queue's process
+    original = filesystem_async.get_write_results_queue
+    weight = torch.arange(12.0).reshape(3, 4)
+    with in_process_write_results():
+        dist_checkpointing.save({"w": ShardedTensor.from_rank_offsets("w", weight)}, str(tmp_path))
+    assert multiprocessing.active_children() == [] and filesystem_async._results_queue is None
+    assert filesystem_async.get_write_results_queue is original
+    loaded = dist_checkpointing.load({"w": ShardedTensor.from_rank_offsets("w", torch.empty(3, 4))}, str(tmp_path))
+    assert torch.equal(loaded["w"], weight)
