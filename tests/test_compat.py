@@ -75,6 +75,26 @@ def test_bridge_imports_without_transformer_engine_and_leaves_no_stand_in():
             lora_layers.te.Linear(4, 4)
 
 
+def test_bridge_import_registers_nemotron_h_without_every_model_family():
+    """megatron.bridge's package __init__ imports every family's bridge (and its diffusion models); ours
+    enters the package without it and registers Nemotron-H alone, which AutoBridge then converts."""
+    from hybridquant.compat import bridge_import, cpu
+
+    cpu.apply()
+    auto_bridge = bridge_import.import_auto_bridge()
+    assert auto_bridge.list_supported_models() == ["NemotronHForCausalLM"]
+    others = [name for name in sys.modules if name.startswith(("megatron.bridge.models.qwen", "megatron.bridge.models.llama",
+                                                               "megatron.bridge.diffusion"))]
+    assert others == []
+    import megatron.bridge
+    import megatron.bridge.models.nemotronh
+
+    assert megatron.bridge.AutoBridge is auto_bridge
+    assert "NemotronHBridge" in vars(megatron.bridge.models.nemotronh)
+    source = (Path(megatron.bridge.__path__[0]) / "models" / "__init__.py").read_text()
+    assert "megatron.bridge.models.qwen" in source  # what the skipped __init__ would have imported
+
+
 def test_synchronous_checkpoint_save_starts_no_helper_process(world1, tmp_path):
     """megatron-core hands a synchronous save's write results back through a spawned Manager process;
     with ours the save starts no process, and what it wrote loads back."""
