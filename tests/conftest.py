@@ -149,15 +149,15 @@ def export_of(exported):
     return get
 
 
-# Test files, longest first (worker seconds of a full run, 2 workers on 2 cores: export ~450, slurm
-# ~440, autoquant layouts ~420, parallel, variations, autoquant ~350, layout parity ~270, release ~260,
-# generate ~200, evaluate ~190, export layouts ~120, export errors ~95); the others follow in collection
+# Test files, longest first (worker seconds of a full run, 2 workers on 2 cores: export ~450, autoquant
+# layouts ~420, parallel, variations, autoquant ~350, layout parity ~270, release ~260, generate ~200,
+# evaluate ~190, slurm ~150, export layouts ~120, export errors ~95); the others follow in collection
 # order. pytest-xdist's loadfile hands whole files to the workers in collection order: started last,
-# a long file keeps one worker busy while the other has nothing left (alphabetically, test_slurm and
-# test_variations came last).
-LONGEST_FIRST = ("test_export.py", "test_slurm.py", "test_autoquant_layouts.py", "test_parallel.py",
-                 "test_variations.py", "test_autoquant.py", "test_layout_parity.py", "test_release.py",
-                 "test_generate.py", "test_evaluate.py", "test_export_layouts.py", "test_export_errors.py")
+# a long file keeps one worker busy while the other has nothing left (alphabetically, test_variations
+# came last).
+LONGEST_FIRST = ("test_export.py", "test_autoquant_layouts.py", "test_parallel.py", "test_variations.py",
+                 "test_autoquant.py", "test_layout_parity.py", "test_release.py", "test_generate.py",
+                 "test_evaluate.py", "test_slurm.py", "test_export_layouts.py", "test_export_errors.py")
 
 
 def pytest_collection_modifyitems(config, items):
