@@ -17,3 +17,17 @@ RECIPES = {"fp8": (FP8, 1, "FP8"), "nvfp4": (NVFP4, 1, "NVFP4"), "selective": (S
 def export(checkpoint, out, nproc=1, *overrides, env=None):
     return run_stage("export", [f"checkpoint={checkpoint}", f"output_dir={out}", *overrides], nproc=nproc,
                      extra_env=env)
+
+
+def export_in_process(checkpoint, out, *overrides):
+    """The export stage called in this process, for what it refuses before any process group exists
+    (the launched stage prints the same message as its one error line: tests/test_export_errors.py)."""
+    from hydra import compose, initialize_config_dir
+
+    from hybridquant import recipes, schema
+    from hybridquant.stages import export as export_stage
+
+    schema.register()
+    with initialize_config_dir(config_dir=str(recipes.CONF_DIR), version_base="1.3"):
+        cfg = compose("export", overrides=[f"checkpoint={checkpoint}", f"output_dir={out}", *overrides])
+    return export_stage.run(cfg)

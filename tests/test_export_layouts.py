@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from export_settings import export
-from launch import error_lines
+from export_settings import export, export_in_process
+from hybridquant.errors import UserError
 
 pytestmark = pytest.mark.distributed
 
@@ -46,9 +46,9 @@ def test_non_empty_output_dir_needs_overwrite_and_pp2_writes_the_same_files(expo
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    proc = export(run_dir, out)
-    errors = error_lines(proc)
-    assert proc.returncode != 0 and len(errors) == 1 and "export.overwrite=true" in errors[0], proc.stderr[-2000:]
+    with pytest.raises(UserError, match="export.overwrite=true") as refused:  # before any process group
+        export_in_process(run_dir, out)
+    assert "\n" not in str(refused.value)
     assert (out / "notes.txt").read_text() == "mine"
     proc = export(run_dir, out, 2, "parallel.pp=2", "export.overwrite=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
