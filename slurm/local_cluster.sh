@@ -92,7 +92,10 @@ AccountingStorageHost=localhost
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 KillWait=5
-MinJobAge=300
+# sbatch --wait sleeps 2 s between polls, 4x longer each time while below MinJobAge/2 (up to 32 s): with
+# the default 300 a finished job waited up to half a minute to be seen; 4 keeps the polls 2 s apart.
+# Finished jobs stay in the accounting (sacct), which submitit and the tests read.
+MinJobAge=4
 InactiveLimit=0
 Waittime=0
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=16000 State=UNKNOWN

@@ -136,8 +136,35 @@ def exported(quantized, tmp_path_factory):
 
     return get
 
+@pytest.fixture(scope="session")
+def export_of(exported):
+    """``export_of(key)``: the checkpoint of tests/export_settings.py's recipe ``key`` exported at its
+    calibration layout, ``(run_dir, export_dir, export stdout)``: the ``exported`` run, shared by the
+    export test files."""
+    from export_settings import RECIPES
+
+    def get(key):
+        args, nproc, _ = RECIPES[key]
+        return exported(*args, nproc=nproc)
+    return get
+
+
+# Test files, longest first (worker seconds of a full run, 2 workers on 2 cores: export ~450, autoquant
+# layouts ~420, parallel, variations, autoquant ~350, layout parity ~270, release ~260, generate ~200,
+# evaluate ~190, slurm ~150, export layouts ~120, export errors ~95); the others follow in collection
+# order. pytest-xdist's loadfile hands whole files to the workers in collection order: started last,
+# a long file keeps one worker busy while the other has nothing left (alphabetically, test_variations
+# came last).
+LONGEST_FIRST = ("test_export.py", "test_qad.py", "test_qad_resume.py", "test_autoquant_layouts.py", "test_parallel.py", "test_variations.py",
+                 "test_autoquant.py", "test_layout_parity.py", "test_release.py", "test_generate.py",
+                 "test_evaluate.py", "test_slurm.py", "test_export_layouts.py", "test_export_errors.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """``gpu`` tests run only where CUDA is available (a lent GPU machine: bench/gpu_check.sh)."""
+    """Files longest first (LONGEST_FIRST; the order within a file is kept). ``gpu`` tests run only
+    where CUDA is available (a lent GPU machine: bench/gpu_check.sh)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +112,47 @@ def test_megatron_optimizer_allocations_land_on_the_cpu(world1):
     grads = [torch.full((3,), 2.0), torch.full((4,), 1.0)]
     norm = clip_grads.get_grad_norm_fp32(grads)  # megatron's own l2-norm fallback, on CPU
     assert norm == pytest.approx((3 * 4.0 + 4 * 1.0) ** 0.5)
+
+
+def test_bridge_import_registers_nemotron_h_without_every_model_family():
+    """megatron.bridge's package __init__ imports every family's bridge (and its diffusion models); ours
+    enters the package without it and registers Nemotron-H alone, which AutoBridge then converts."""
+    from hybridquant.compat import bridge_import, cpu
+
+    cpu.apply()
+    auto_bridge = bridge_import.import_auto_bridge()
+    assert auto_bridge.list_supported_models() == ["NemotronHForCausalLM"]
+    others = [name for name in sys.modules if name.startswith(("megatron.bridge.models.qwen", "megatron.bridge.models.llama",
+                                                               "megatron.bridge.diffusion"))]
+    assert others == []
+    import megatron.bridge
+    import megatron.bridge.models.nemotronh
+
+    assert megatron.bridge.AutoBridge is auto_bridge
+    assert "NemotronHBridge" in vars(megatron.bridge.models.nemotronh)
+    source = (Path(megatron.bridge.__path__[0]) / "models" / "__init__.py").read_text()
+    assert "megatron.bridge.models.qwen" in source  # what the skipped __init__ would have imported
+
+
+def test_synchronous_checkpoint_save_starts_no_helper_process(world1, tmp_path):
+    """megatron-core hands a synchronous save's write results back through a spawned Manager process;
+    with ours the save starts no process, and what it wrote loads back."""
+    import multiprocessing
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from hybridquant.compat import cpu
+    from hybridquant.compat.dist_checkpoint import in_process_write_results
+
+    cpu.apply()  # the writer's host copy calls torch.cuda.synchronize
+    assert "Manager()" in Path(filesystem_async.__file__).read_text()  # the default queue's process
+    original = filesystem_async.get_write_results_queue
+    weight = torch.arange(12.0).reshape(3, 4)
+    with in_process_write_results():
+        dist_checkpointing.save({"w": ShardedTensor.from_rank_offsets("w", weight)}, str(tmp_path))
+    assert multiprocessing.active_children() == [] and filesystem_async._results_queue is None
+    assert filesystem_async.get_write_results_queue is original
+    loaded = dist_checkpointing.load({"w": ShardedTensor.from_rank_offsets("w", torch.empty(3, 4))}, str(tmp_path))
+    assert torch.equal(loaded["w"], weight)

@@ -15,7 +15,7 @@ from launch import REPO
 
 pytestmark = pytest.mark.distributed
 
-FP8 = ("mamba_moe_fp8_conservative", "calib.num_samples=8", "quant.kv_cache=none")  # as tests/test_export.py
+FP8 = ("mamba_moe_fp8_conservative", "calib.num_samples=8", "quant.kv_cache=none")  # as tests/export_settings.py
 TASK = "hybridquant_continuation"
 LIMIT = 24  # of the task's 40 rows: the CPU reference scan is slow (lm_eval_adapter._fit_chunks)
 

@@ -34,6 +34,8 @@ def save(chunks: list, directory: Path, hf_path: str, metadata: dict[str, Any]) 
     from megatron.core import dist_checkpointing
     from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
 
+    from hybridquant.compat.dist_checkpoint import in_process_write_results
+
     directory = Path(directory)
     if parallel.is_main():
         directory.mkdir(parents=True)
@@ -43,8 +45,9 @@ def save(chunks: list, directory: Path, hf_path: str, metadata: dict[str, Any]) 
             if src.exists():
                 shutil.copy2(src, directory / HF_DIR / name)
     parallel.barrier()
-    dist_checkpointing.save(chunks[0].sharded_state_dict(), str(directory))
-    save_sharded_modelopt_state(chunks, str(directory))
+    with in_process_write_results():  # synchronous: no Manager process to hand the results back
+        dist_checkpointing.save(chunks[0].sharded_state_dict(), str(directory))
+        save_sharded_modelopt_state(chunks, str(directory))
     parallel.barrier()
     if parallel.is_main():
         (directory / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")

@@ -9,6 +9,12 @@ GPU machines we test on do not always have it either.
 duration of that one import and removes it afterwards, so no other library (megatron-core, ModelOpt)
 ever mistakes it for a real installation. Anything taken from the stand-in raises ImportError when
 used, so a code path that really needs TE fails loudly instead of computing with a fake.
+
+The package ``__init__`` of ``megatron.bridge`` (and of ``megatron.bridge.models``) imports the
+bridge, provider and Hugging Face classes of every model family megatron-bridge supports, and its
+diffusion models (~2 CPU-seconds in every process that builds a model). Only the Nemotron-H bridge is
+used here: the two packages are entered without running their ``__init__`` (their submodules import
+as usual), and ``AutoBridge`` is imported with the Nemotron-H bridge registered.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import sys
 import types
 
 _TE_MODULES = ("transformer_engine", "transformer_engine.pytorch", "transformer_engine.pytorch.ops")
+_EVERY_FAMILY_PACKAGES = ("megatron.bridge", "megatron.bridge.models")
 
 
 def _missing(qualname: str) -> type:
@@ -47,11 +54,10 @@ def te_available() -> bool:
 
 
 def import_auto_bridge():
-    """Return ``megatron.bridge.AutoBridge``, importing it without TE when TE is absent."""
+    """Return ``megatron.bridge.AutoBridge`` with the Nemotron-H bridge registered, importing it
+    without TE when TE is absent."""
     if te_available() or "megatron.bridge" in sys.modules:
-        from megatron.bridge import AutoBridge
-
-        return AutoBridge
+        return _import_nemotron_h_bridge()
     # Libraries that probe for TE must have done so against the real environment first.
     import megatron.core  # noqa: F401
     import megatron.core.models.hybrid.hybrid_layer_specs  # noqa: F401
@@ -68,8 +74,24 @@ def import_auto_bridge():
             if parent:
                 setattr(sys.modules[parent], child, module)
     try:
-        from megatron.bridge import AutoBridge
+        return _import_nemotron_h_bridge()
     finally:
         for name in inserted:
             sys.modules.pop(name, None)
+
+
+def _import_nemotron_h_bridge():
+    """``AutoBridge`` and the Nemotron-H bridge, without the every-family package ``__init__``s."""
+    for name in _EVERY_FAMILY_PACKAGES:
+        if name not in sys.modules:
+            package = importlib.util.module_from_spec(importlib.util.find_spec(name))  # __path__, no __init__
+            sys.modules[name] = package
+            parent, _, child = name.rpartition(".")
+            setattr(sys.modules[parent], child, package)
+    import megatron.bridge.models.nemotronh  # noqa: F401 - registers NemotronHBridge with AutoBridge
+    from megatron.bridge.models.conversion.auto_bridge import AutoBridge
+
+    bridge_package = sys.modules["megatron.bridge"]
+    if not hasattr(bridge_package, "AutoBridge"):
+        bridge_package.AutoBridge = AutoBridge  # as the real package __init__ exports it
     return AutoBridge
