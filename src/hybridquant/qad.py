@@ -30,9 +30,8 @@ data, the seed and the settings, so a resumed run skips exactly the samples alre
 from __future__ import annotations
 
 import contextlib
-import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -81,7 +80,6 @@ class Options:
     thinking: bool | None
     moe_aux_loss_coeff: float
     update_expert_bias: bool
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def training_settings(self, tp: int) -> dict[str, Any]:
         """Megatron transformer-config settings of the student (and the teacher it is built like: under
@@ -404,6 +402,3 @@ def train_step(ddp_chunks: list, samples: list[torch.Tensor], opt, scheduler) ->
     return StepResult(loss_sum=float(totals[0]), tokens=int(totals[1]), grad_norm=float(grad_norm or 0.0),
                       lr=float(opt.param_groups[0]["lr"]))
 
-
-def steps_for(tokens_per_step: float, budget: int) -> int:
-    return max(1, math.ceil(budget / max(tokens_per_step, 1.0)))

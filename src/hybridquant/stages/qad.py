@@ -20,7 +20,6 @@ uninterrupted run reaches (bit for bit on CPU).
 
 from __future__ import annotations
 
-import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -32,8 +31,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from hybridquant import checkpoint, evaluate, forward, model, parallel, qad, reporting, rundir, source
 from hybridquant.errors import UserError
-
-log = logging.getLogger("hybridquant.qad")
 
 STATE = "qad_state.json"
 CURVE = "qad.json"
@@ -49,11 +46,21 @@ class Plan:
     teacher: Path
     opts: qad.Options
     step_tokens: list[int]     # loss tokens of every step (the data stream, counted before training)
-    samples_per_rank: int
+    tokenizer: Any             # the checkpoint's
+    heldout: list[str]         # held-out texts: evaluated on, never trained on
 
     @property
     def steps(self) -> int:
         return len(self.step_tokens)
+
+    @property
+    def samples_per_rank(self) -> int:
+        return self.opts.global_batch_size // self.layout.dp
+
+    def blend(self) -> qad.Blend:
+        """The training stream from its start (the same on every rank)."""
+        o = self.opts
+        return qad.Blend(o.data, self.tokenizer, o.max_seq_len, o.seed, self.heldout, o.thinking)
 
 
 def plan(cfg: DictConfig, world_size: int | None = None) -> Plan:
@@ -70,19 +77,17 @@ def plan(cfg: DictConfig, world_size: int | None = None) -> Plan:
     if opts.global_batch_size % layout.dp:
         raise UserError(f"qad.global_batch_size={opts.global_batch_size} is not a multiple of the data-parallel "
                         f"size {layout.dp} (every rank trains the same number of samples per step)")
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.hf_dir(directory)))
-    blend = qad.Blend(opts.data, tokenizer, opts.max_seq_len, opts.seed,
-                      qad.heldout_texts(opts.heldout_path, opts.heldout_samples), opts.thinking)
-    step_tokens, stream = [], iter(blend)
-    while sum(step_tokens) < opts.tokens:
-        step_tokens.append(sum(next(stream)[1].shape[1] - 1 for _ in range(opts.global_batch_size)))
-    return Plan(directory=directory, meta=meta, layout=layout, teacher=teacher, opts=opts, step_tokens=step_tokens,
-                samples_per_rank=opts.global_batch_size // layout.dp)
+    p = Plan(directory=directory, meta=meta, layout=layout, teacher=teacher, opts=opts, step_tokens=[],
+             tokenizer=AutoTokenizer.from_pretrained(str(checkpoint.hf_dir(directory))),
+             heldout=qad.heldout_texts(opts.heldout_path, opts.heldout_samples))
+    stream = iter(p.blend())
+    while sum(p.step_tokens) < opts.tokens:
+        p.step_tokens.append(sum(next(stream)[1].shape[1] - 1 for _ in range(opts.global_batch_size)))
+    return p
 
 
 def _same_model(student: dict, teacher: dict, teacher_path: Path) -> None:
-    keys = ("hybrid_override_pattern", "hidden_size", "num_hidden_layers", "vocab_size", "n_routed_experts",
-            "num_experts_per_tok", "intermediate_size", "moe_intermediate_size", "mamba_num_heads", "num_attention_heads")
+    keys = (*source.IDENTITY_FIELDS, "num_hidden_layers", "intermediate_size")
     differ = [k for k in keys if student.get(k) != teacher.get(k)]
     if differ:
         raise UserError(f"teacher {teacher_path} is not the checkpoint's model ({', '.join(differ)} differ)")
@@ -122,7 +127,6 @@ def check_resume(run_dir: Path, wanted: dict[str, Any], resume: bool) -> int:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from megatron.core import parallel_state
-    from transformers import AutoTokenizer
 
     t_start = time.perf_counter()
     p = plan(cfg)
@@ -148,10 +152,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     teacher = model.load_hf(str(p.teacher), p.layout, p.meta["dtype"], router_dtype=p.meta.get("router_dtype"),
                             training=training)
     timings["load_s"] = time.perf_counter() - t
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.hf_dir(p.directory)))
     vocab = student.hf_vocab_size
 
-    heldout = _heldout_samples(tokenizer, p.opts)
+    heldout = _heldout_samples(p)
     teacher_logits = _logits(teacher.chunks, heldout, vocab)
     learned_scales = qad.set_scales_trainable(student.chunks, p.opts.learn_scales)
     qad.distill(student.chunks, teacher.chunks, p.opts)
@@ -171,9 +174,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
               f"layout {p.layout.tag}; held-out KL before: {first['kl_mean']:.4g}", flush=True)
 
     dp_rank, dp = parallel_state.get_data_parallel_rank(), p.layout.dp
-    blend = qad.Blend(p.opts.data, tokenizer, p.opts.max_seq_len, p.opts.seed,
-                      qad.heldout_texts(p.opts.heldout_path, p.opts.heldout_samples), p.opts.thinking)
-    stream = iter(blend)
+    stream = iter(p.blend())
     for _ in range(start * p.opts.global_batch_size):  # the samples already trained on
         next(stream)
     t_train, tokens_done = time.perf_counter(), 0
@@ -190,7 +191,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             curve["evals"].append(_evaluate(ddp, teacher_logits, heldout, vocab, step))
         _progress(step, p, loss, result, tokens_done, time.perf_counter() - t_train, curve["evals"][-1])
         if step % p.opts.save_every == 0 or step == p.steps:
-            _save_step(ddp, student, run_dir, step, p, opt, scheduler, curve)
+            _save_step(student, run_dir, step, p, opt, scheduler, curve)
             parallel.fault_point(f"step{step}")
     timings["train_s"] = time.perf_counter() - t_train
     return _finish(cfg, p, run_dir, student, curve, timings, t_start, learned_scales)
@@ -202,10 +203,10 @@ def _last_stage() -> bool:
     return parallel_state.is_pipeline_last_stage()
 
 
-def _heldout_samples(tokenizer, opts: qad.Options) -> list[torch.Tensor]:
-    out = []
-    for text in qad.heldout_texts(opts.heldout_path, opts.heldout_samples):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:opts.max_seq_len]
+def _heldout_samples(p: Plan) -> list[torch.Tensor]:
+    opts, out = p.opts, []
+    for text in p.heldout:
+        ids = p.tokenizer(text, add_special_tokens=False)["input_ids"][:opts.max_seq_len]
         if len(ids) >= 2:
             out.append(torch.tensor([ids], dtype=torch.long))
     if not out:
@@ -262,7 +263,7 @@ def _metadata(p: Plan, step: int) -> dict[str, Any]:
     return meta
 
 
-def _save_step(ddp: list, student, run_dir: Path, step: int, p: Plan, opt, scheduler, curve: dict) -> None:
+def _save_step(student, run_dir: Path, step: int, p: Plan, opt, scheduler, curve: dict) -> None:
     """A resumable checkpoint: the quantized student + every rank's training state. Collective."""
     target = _step_dir(run_dir, step)
     partial = target.with_name(target.name + ".partial")
