@@ -27,6 +27,7 @@ find_python() {
   exit 1
 }
 
+LLAMA_CPP_PYTHON=0.3.36
 py=$(find_python)
 echo "setup: creating .venv with $py" >&2
 rm -rf .venv
@@ -44,10 +45,27 @@ $pip install --quiet --no-deps "megatron-bridge==0.6.2"
 #    On a CUDA machine, drop the *_SKIP_CUDA_BUILD variables to compile the real kernels.
 MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE \
   $pip install --quiet --no-build-isolation --no-deps "mamba-ssm==2.3.2.post1" "causal-conv1d==1.7.0"
+# 4. llama.cpp (the GGUF export's quantizer and the tests' judge) through llama-cpp-python, which PyPI has
+#    only as source: built once (8-22 min on 2 cores) into a wheel cache outside the checkout, then
+#    installed from it in seconds by every later set-up and CI run on this machine.
+llama_wheel_dir="${HYBRIDQUANT_WHEELS:-${HYBRIDQUANT_CACHE:-$HOME/.cache/hybridquant}/wheels}"
+llama_wheel=$(ls "$llama_wheel_dir"/llama_cpp_python-${LLAMA_CPP_PYTHON}-*.whl 2>/dev/null | head -1 || true)
+if [ -z "$llama_wheel" ]; then
+  echo "setup: building llama-cpp-python ${LLAMA_CPP_PYTHON} once into $llama_wheel_dir (CPU, AVX2; 8-22 min)" >&2
+  mkdir -p "$llama_wheel_dir"
+  build_dir=$(mktemp -d)
+  CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF" \
+    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) $pip wheel --quiet --no-deps "llama-cpp-python==${LLAMA_CPP_PYTHON}" -w "$build_dir"
+  mv "$build_dir"/llama_cpp_python-*.whl "$llama_wheel_dir"/
+  rm -rf "$build_dir"
+  llama_wheel=$(ls "$llama_wheel_dir"/llama_cpp_python-${LLAMA_CPP_PYTHON}-*.whl | head -1)
+fi
+$pip install --quiet --no-deps "$llama_wheel" "diskcache==5.6.3"
 .venv/bin/python - <<'PY'
 import importlib.util
 import hybridquant, megatron.core, modelopt.torch.quantization  # noqa: F401
-for name in ("megatron.bridge", "mamba_ssm", "causal_conv1d"):
+import llama_cpp  # noqa: F401 - the shared library loads
+for name in ("megatron.bridge", "mamba_ssm", "causal_conv1d", "gguf", "compressed_tensors"):
     assert importlib.util.find_spec(name) is not None, f"{name} is not installed"
 PY
 touch "$stamp"

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from launch import error_lines, run_stage
 from qad_settings import EP2, FAST, TP2
-from hybridquant import calib, checkpoint, exported, qad, recipes
+from hybridquant import calib, checkpoint, qad, readers, recipes
 from hybridquant.errors import UserError
 
 
@@ -73,7 +73,7 @@ def test_export_reads_the_distilled_checkpoint_unchanged(qad_run, tmp_path):
     out = tmp_path / "export"
     proc = run_stage("export", [f"checkpoint={run_dir}", f"output_dir={out}", "parallel.ep=1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert exported.provenance(out)["recipe"] == "mamba_moe_nvfp4_aggressive"
+    assert readers.provenance(out)["recipe"] == "mamba_moe_nvfp4_aggressive"
     hf = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
     assert hf["quant_algo"] == "NVFP4"
 

@@ -1,4 +1,4 @@
-"""A quantized Megatron model -> a Hugging Face checkpoint in ModelOpt's format (what vLLM and SGLang load).
+"""The export core: a quantized Megatron model streamed into a deployment format, one parameter at a time.
 
 Runs on every rank at the layout the model is loaded with (the calibration layout by default); there
 is no resharding pass and no rank ever holds more than its own shard plus one decoder layer:
@@ -8,12 +8,13 @@ is no resharding pass and no rank ever holds more than its own shard plus one de
 2. Before that, every rank reads the calibrated scales of its own quantized modules with ModelOpt's
    export functions (weight_scale, weight_scale_2, input_scale, KV-cache k/v scales); the scales of
    all ranks are merged (they are scalars), and ranks that hold the same module must agree on them.
-3. An export hook on every task turns the gathered weight into ModelOpt's deployment tensors with
-   ModelOpt's ``to_quantized_weight``. Static NVFP4 block scales (MSE calibration) are not a function
-   of the weight, so they are gathered with the weight's own mapping instead of recomputed.
+3. An export hook on every task hands the gathered weight and its scales to the format
+   (``hybridquant.formats``), which turns them into its tensors. Static NVFP4 block scales (MSE
+   calibration) are not a function of the weight, so they are gathered with the weight's own mapping.
 4. Tensors are grouped by decoder layer. Group ``g`` is written by rank ``g % world_size`` as soon as
-   the stream has left it: files are sorted and named by content, never by rank, so every layout
-   writes the same bytes.
+   the stream has left it (the format may rewrite a whole group: GGUF stacks experts): files are
+   sorted and named by content, never by rank, so every layout writes the same bytes. Rank 0 then
+   lets the format write its metadata (or assemble its file) and lists every file in the manifest.
 
 ModelOpt's own Megatron exporter is not used: it is only correct at TP=1/EP=1 and corrupts
 ``exclude_modules`` names for Nemotron-H (docs/compat.md).
@@ -35,7 +36,6 @@ from hybridquant import modules, parallel
 from hybridquant.reporting import sha256  # noqa: F401 - export.sha256 is the manifest's hash
 from hybridquant.errors import UserError
 
-QUANT_CONFIG = "hf_quant_config.json"
 INDEX = "model.safetensors.index.json"
 MANIFEST = "manifest.json"
 _GROUP = re.compile(r"^(.*?\.layers\.\d+)\.")
@@ -219,40 +219,16 @@ def _gather_static_block_scales(task, block_size: int) -> dict[str, torch.Tensor
     return {name: t[..., ::block_size].float().to(torch.float8_e4m3fn).cpu() for name, t in gathered.items()}
 
 
-def quantize_weight(name: str, weight: torch.Tensor, meta: WeightMeta,
-                    block_scale: torch.Tensor | None = None) -> list[tuple[str, torch.Tensor]]:
-    """ModelOpt's deployment tensors for one full weight: the weight and its scales (REFERENCE format)."""
-    from modelopt.torch.export.quant_utils import QUANTIZATION_FP8, QUANTIZATION_NVFP4, to_quantized_weight
-    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
-
-    base = name[: -len(".weight")]
-    weight = weight.detach()
-    if meta.qformat == "fp8":
-        scale = meta.scales["weight_scale"]
-        out = [(name, to_quantized_weight(weight, scale.to(weight.device), QUANTIZATION_FP8)),
-               (f"{base}.weight_scale", scale)]
-    else:
-        scale_2 = meta.scales["weight_scale_2"]
-        if block_scale is None:
-            block_scale = NVFP4QTensor.get_weights_scaling_factor(weight, meta.block_size,
-                                                                  scale_2.to(weight.device))[0]
-        packed = to_quantized_weight(weight, block_scale.to(weight.device), QUANTIZATION_NVFP4,
-                                     scale_2.to(weight.device), meta.block_size)
-        out = [(name, packed), (f"{base}.weight_scale", block_scale), (f"{base}.weight_scale_2", scale_2)]
-    if "input_scale" in meta.scales:
-        out.append((f"{base}.input_scale", meta.scales["input_scale"]))
-    return [(n, t.detach().cpu().contiguous()) for n, t in out]
-
-
 class GroupWriter:
     """Writes the tensor groups this rank owns, one group in memory at a time.
 
     A group becomes one safetensors file, or several when it exceeds ``max_shard_bytes``; its
     tensors are sorted by name first, so the bytes depend only on the content."""
 
-    def __init__(self, directory: Path, plan_: Plan, max_shard_bytes: int):
+    def __init__(self, directory: Path, plan_: Plan, max_shard_bytes: int, fmt):
         self.directory = Path(directory)
         self.plan = plan_
+        self.format = fmt
         self.max_shard_bytes = max_shard_bytes
         self.index = {g: i for i, g in enumerate(plan_.groups)}
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -283,10 +259,7 @@ class GroupWriter:
             return
         group, self.current = self.current, None
         self.done.add(group)
-        for name, scale in self.plan.kv_scales.items():
-            if group_of(name) == group:
-                self.buffer[name] = scale
-        tensors, self.buffer = self.buffer, {}
+        tensors, self.buffer = self.format.group(group, self.buffer), {}
         parts: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name in sorted(tensors):
@@ -320,24 +293,23 @@ class GroupWriter:
 
 
 def stream(bridge, chunks: list, tasks: list, plan_: Plan, writer: GroupWriter) -> None:
-    """Collective: every task's weights gathered, quantized by the rank that writes them, written."""
+    """Collective: every task's weights gathered, turned into the format's tensors by the rank that
+    writes them, written."""
+    fmt = writer.format
     static_cache: dict[int, dict[str, torch.Tensor]] = {}
 
     def hook_for(task):
         def hook(hf_name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor]]:
             meta = plan_.metas.get(hf_name)
             block_scale = None
-            if meta is not None and meta.static:
+            if meta is not None and meta.static and fmt.uses_scales:
                 if id(task) not in static_cache:  # collective: every rank, once per task
                     static_cache.clear()
                     static_cache[id(task)] = _gather_static_block_scales(task, meta.block_size)
                 block_scale = static_cache[id(task)][hf_name]
             if not writer.owns(group_of(hf_name)):
                 return
-            if meta is None:
-                yield hf_name, tensor.detach().cpu().contiguous()
-            else:
-                yield from quantize_weight(hf_name, tensor, meta, block_scale)
+            yield from fmt.weight(hf_name, tensor, meta, block_scale)
         return hook
 
     hooked = [dataclasses.replace(task, export_hook=hook_for(task)) for task in tasks]
@@ -345,29 +317,10 @@ def stream(bridge, chunks: list, tasks: list, plan_: Plan, writer: GroupWriter) 
         writer.add(name, tensor)
 
 
-def hf_quant_config(plan_: Plan) -> dict[str, Any]:
-    """ModelOpt's hf_quant_config.json, from ModelOpt's own per-layer summariser, with clean HF names."""
-    import modelopt
-    from modelopt.torch.export.quant_utils import process_layer_quant_config
-
-    layers: dict[str, Any] = {}
-    for module in plan_.linear_modules:
-        meta = plan_.metas.get(module + ".weight")
-        layers[f"{module}.quantization"] = meta.qformat if meta else None
-        layers[f"{module}.awq_block_size"] = meta.block_size if meta else 0
-    quantization: dict[str, Any] = {"quant_algo": None, "kv_cache_quant_algo": None}
-    quantization.update(process_layer_quant_config(layers))
-    if plan_.kv_format:
-        quantization["kv_cache_quant_algo"] = plan_.kv_format
-    return {"producer": {"name": "modelopt", "version": modelopt.__version__}, "quantization": quantization}
-
-
-def finish(directory: Path, plan_: Plan, files: list[dict[str, Any]], source_hf: Path,
+def finish(directory: Path, fmt, files: list[dict[str, Any]], source_hf: Path,
            provenance: dict[str, Any]) -> dict[str, Any] | None:
-    """Collective: name the shards, write index, configs and manifest (rank 0). Returns the manifest on
-    rank 0."""
-    from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
-
+    """Collective: the format writes its files from every rank's shards (rank 0), then the manifest lists
+    every file with its sha256. Returns the manifest on rank 0."""
     parts = [files]
     if dist.is_initialized() and dist.get_world_size() > 1:
         parts = [None] * dist.get_world_size()
@@ -376,6 +329,23 @@ def finish(directory: Path, plan_: Plan, files: list[dict[str, Any]], source_hf:
         return None
     directory = Path(directory)
     shards = sorted((f for p in parts for f in p), key=lambda f: (f["group"], f["part"]))
+    summary = fmt.finish(directory, shards, Path(source_hf))
+    hashed = {s["path"]: {"sha256": s["sha256"], "bytes": s["bytes"]} for s in shards}  # written by their ranks
+    listed = {}
+    for path in sorted(directory.iterdir()):
+        if path.name != MANIFEST:
+            listed[path.name] = hashed.get(path.name) or {"sha256": sha256(path), "bytes": path.stat().st_size}
+    manifest = {"format": "hybridquant-export/1", "export_format": fmt.name, **provenance, **summary,
+                "files": dict(sorted(listed.items()))}
+    write_json(directory / MANIFEST, manifest)
+    return manifest
+
+
+def hf_layout(directory: Path, shards: list[dict[str, Any]], source_hf: Path,
+              config_update: dict[str, Any]) -> int:
+    """The Hugging Face checkpoint layout for safetensors formats: shards renamed
+    model-0000K-of-0000N.safetensors in group order, the index, config.json (the source's, updated) and
+    the source's other files (tokenizer, generation config, chat template). Returns the tensor count."""
     weight_map, total = {}, 0
     for number, shard in enumerate(shards, start=1):
         final = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
@@ -384,24 +354,18 @@ def finish(directory: Path, plan_: Plan, files: list[dict[str, Any]], source_hf:
         for name, (dtype, shape) in shard["tensors"].items():
             weight_map[name] = final
             total += _nbytes(dtype, shape)
-    _write_json(directory / INDEX, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
-    quant_config = hf_quant_config(plan_)
-    _write_json(directory / QUANT_CONFIG, quant_config)
-    config = json.loads((Path(source_hf) / "config.json").read_text())
-    config["quantization_config"] = convert_hf_quant_config_format(quant_config)
-    _write_json(directory / "config.json", config)
-    for src in sorted(Path(source_hf).iterdir()):
-        if src.is_file() and src.name != "config.json":
+    write_json(directory / INDEX, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    config = json.loads((source_hf / "config.json").read_text())
+    config.update(config_update)
+    write_json(directory / "config.json", config)
+    copy_source_files(directory, source_hf)
+    return len(weight_map)
+
+
+def copy_source_files(directory: Path, source_hf: Path, skip: tuple[str, ...] = ("config.json",)) -> None:
+    for src in sorted(source_hf.iterdir()):
+        if src.is_file() and src.name not in skip:
             (directory / src.name).write_bytes(src.read_bytes())
-    listed = {s["path"]: {"sha256": s["sha256"], "bytes": s["bytes"]} for s in shards}
-    for path in sorted(directory.iterdir()):
-        if path.name not in listed and path.name != MANIFEST:
-            listed[path.name] = {"sha256": sha256(path), "bytes": path.stat().st_size}
-    manifest = {"format": "hybridquant-export/1", **provenance,
-                "quantization": quant_config["quantization"].get("quant_algo"),
-                "tensors": len(weight_map), "files": dict(sorted(listed.items()))}
-    _write_json(directory / MANIFEST, manifest)
-    return manifest
 
 
 def _nbytes(dtype: str, shape: list[int]) -> int:
@@ -411,7 +375,7 @@ def _nbytes(dtype: str, shape: list[int]) -> int:
     return n * getattr(torch, dtype).itemsize
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 

@@ -58,12 +58,12 @@ def load_model(directory: Path, max_length: int = 2048, dtype: torch.dtype = tor
     from safetensors import SafetensorError
     from transformers import AutoTokenizer
 
-    from hybridquant import exported
+    from hybridquant import readers
 
     directory = check_export(Path(directory))
     with tempfile.TemporaryDirectory(prefix="hybridquant-lm-eval-") as tmp:
         try:
-            model, _ = exported.build_model(directory, Path(tmp), max_seq_len=max_length, dtype=dtype)
+            model, _ = readers.build_model(directory, Path(tmp), max_seq_len=max_length, dtype=dtype)
         except (OSError, SafetensorError, KeyError, AssertionError) as exc:
             raise UserError(f"{directory}: cannot read the export ({type(exc).__name__}: {exc})") from exc
     tokenizer = AutoTokenizer.from_pretrained(str(directory))

@@ -147,6 +147,8 @@ class LoadLayoutConf:
 class ExportOptions:
     overwrite: bool = False
     max_shard_size: str = "5GB"
+    format: str = "modelopt"
+    options: Dict[str, Any] = field(default_factory=dict)   # format name -> its options
 
 
 @dataclass

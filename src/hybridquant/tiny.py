@@ -24,7 +24,7 @@ import torch
 from hybridquant import tokenizer as byte_tokenizer
 
 # Bump when the way weights or files are produced changes: old cache entries are then ignored.
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7  # 7: the tokenizer's NUL-pair merge (llama.cpp needs merges)
 
 
 

@@ -1,7 +1,9 @@
 """A byte-level tokenizer the project builds itself (no download), with the Nemotron chat format.
 
 Every byte is one token, so any text round-trips exactly; special tokens follow the ChatML
-convention the Nemotron-H chat models use, including the ``<think>`` reasoning markers.
+convention the Nemotron-H chat models use, including the ``<think>`` reasoning markers. It is a
+byte-level BPE with one merge, of two NUL bytes (text never holds them, so every real text still
+tokenizes byte by byte): llama.cpp's GPT-2 vocabulary needs merges to exist.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from pathlib import Path
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 UNK_ID, BOS_ID, EOS_ID, PAD_ID, IM_START_ID, IM_END_ID = range(6)
 BYTE_OFFSET = len(SPECIAL_TOKENS)
-TOKENIZER_VOCAB = BYTE_OFFSET + 256
+NUL_PAIR = "\u0100\u0100"          # GPT-2's byte-to-unicode form of b"\x00\x00"
+TOKENIZER_VOCAB = BYTE_OFFSET + 256 + 1
 
 # ChatML with Nemotron's reasoning switch: thinking mode opens a <think> block, instruct mode
 # emits an empty one (`enable_thinking=False`).
@@ -35,7 +38,8 @@ def build_tokenizer():
     byte_chars = sorted(alphabet, key=lambda c: _byte_of(c))
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     vocab.update({ch: BYTE_OFFSET + i for i, ch in enumerate(byte_chars)})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    vocab[NUL_PAIR] = BYTE_OFFSET + 256
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(NUL_PAIR[0], NUL_PAIR[1])], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIAL_TOKENS)

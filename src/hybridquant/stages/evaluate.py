@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from hybridquant import (calib, checkpoint, evaluate, evaluation_report, exported, parallel, recipes, reporting, rundir,
+from hybridquant import (calib, checkpoint, evaluate, evaluation_report, parallel, readers, recipes, reporting, rundir,
                          source)
 from hybridquant.errors import UserError
 
@@ -136,8 +136,8 @@ def _entry(path: str) -> Entry:
     given = Path(path)
     if not given.exists():
         raise UserError(f"checkpoint {given} does not exist")
-    if exported.is_export(given):
-        prov = exported.provenance(given)
+    if readers.is_export(given):
+        prov = readers.provenance(given)
         return Entry(path=given, kind="export", label=f"{prov.get('recipe') or given.name} (export)",
                      meta={"model": prov.get("model"), "recipe": prov.get("recipe")})
     directory = checkpoint.resolve(given)
@@ -317,7 +317,7 @@ def _score_export(e: Entry, ref: evaluate.Outputs, batch, cfg, pattern: str) -> 
     result = None
     if parallel.is_main():
         with tempfile.TemporaryDirectory(prefix="hybridquant-dequantized-") as work:
-            hf_model, _ = exported.build_model(e.path, Path(work), max_seq_len=cfg.evaluation.max_seq_len)
+            hf_model, _ = readers.build_model(e.path, Path(work), max_seq_len=cfg.evaluation.max_seq_len)
         out = evaluate.hf_outputs(hf_model, batch)
         result = {**evaluate.token_metrics(ref.logits, out.logits, batch),
                   "layers": evaluate.layer_errors(evaluate.layer_sums(ref.layers, out.layers), pattern)}

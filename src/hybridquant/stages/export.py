@@ -1,13 +1,8 @@
-"""The export stage: quantized Megatron checkpoint -> Hugging Face checkpoint in ModelOpt format.
-
-Output directory (``output_dir``)::
-
-    config.json                     the source config + quantization_config (quant_method: modelopt)
-    hf_quant_config.json            ModelOpt's quantization description (formats, exclude_modules, KV)
-    model-0000K-of-0000N.safetensors  one file per decoder layer (more where a layer exceeds max_shard_size)
-    model.safetensors.index.json
-    tokenizer files, generation_config.json, chat_template.jinja   copied from the checkpoint
-    manifest.json                   every file with its sha256 (written last)
+"""The export stage: quantized Megatron checkpoint -> a deployment checkpoint in ``export.format``
+(modelopt: Hugging Face + ModelOpt for vLLM/SGLang; gguf: llama.cpp/Ollama; compressed_tensors: vLLM
+through llm-compressor's format). Each format's files are described in its module under
+``hybridquant.formats``; every output directory ends with ``manifest.json``, every file with its sha256
+(written last).
 
 Everything is written into a hidden sibling directory that is renamed to ``output_dir`` only when
 complete, so a failed export never leaves a directory that looks like one.
@@ -22,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
 
-from hybridquant import checkpoint, export, memory, parallel
+from hybridquant import checkpoint, export, formats, memory, parallel
 from hybridquant.errors import UserError
 
 log = logging.getLogger("hybridquant.export")
@@ -63,6 +58,12 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     out = Path(cfg.output_dir).resolve()
     check_output(out, cfg.export.overwrite)
     max_shard_bytes = parse_size(cfg.export.max_shard_size)
+    fmt_name = str(cfg.export.format)
+    known = list(cfg.export.options)
+    if fmt_name not in known:
+        raise UserError(f"export.format={fmt_name!r} is not a format (one of: {', '.join(sorted(known))})")
+    fmt_options = OmegaConf.to_container(cfg.export.options[fmt_name], resolve=True) or {}
+    formats.check_options(fmt_name, fmt_options)
 
     parallel.init(layout, seed=cfg.seed, backend=cfg.cluster.backend, timeout_s=cfg.cluster.timeout_s)
     tmp = partial_dir(out)
@@ -71,7 +72,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         tmp.mkdir(parents=True)
     parallel.barrier()
     try:
-        manifest, timings, rss = _export(ckpt, meta, layout, tmp, hf_dir, max_shard_bytes)
+        manifest, timings, rss = _export(ckpt, meta, layout, tmp, hf_dir, max_shard_bytes, fmt_name, fmt_options)
         rss = memory.gather(rss)
         if parallel.is_main():
             _replace(tmp, out)
@@ -89,7 +90,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     return manifest
 
 
-def _export(ckpt: Path, meta: dict, layout, tmp: Path, hf_dir: Path, max_shard_bytes: int):
+def _export(ckpt: Path, meta: dict, layout, tmp: Path, hf_dir: Path, max_shard_bytes: int, fmt_name: str,
+            fmt_options: dict):
     from transformers import AutoConfig
 
     from hybridquant.compat.bridge_import import import_auto_bridge
@@ -105,12 +107,13 @@ def _export(ckpt: Path, meta: dict, layout, tmp: Path, hf_dir: Path, max_shard_b
     bridge = import_auto_bridge().from_hf_config(AutoConfig.from_pretrained(str(hf_dir)))
     tasks = export.conversion_tasks(bridge, loaded.chunks)
     plan = export.plan(tasks, loaded.chunks)
-    writer = export.GroupWriter(tmp, plan, max_shard_bytes)
+    fmt = formats.get(fmt_name, fmt_options, plan, hf_dir, str(meta.get("model") or hf_dir.name))
+    writer = export.GroupWriter(tmp, plan, max_shard_bytes, fmt)
     export.stream(bridge, loaded.chunks, tasks, plan, writer)
     files = writer.close()
     provenance = {"model": meta.get("model"), "recipe": meta.get("recipe"),
                   "calibration_layout": meta.get("layout")}
-    manifest = export.finish(tmp, plan, files, hf_dir, provenance)
+    manifest = export.finish(tmp, fmt, files, hf_dir, provenance)
     timings["export_s"] = time.perf_counter() - t
     rss["peak_mib"] = memory.peak_mib()
     return manifest, timings, rss
@@ -132,10 +135,14 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 def _print_summary(out: Path, manifest: dict, layout, rss: list[dict], timings: dict) -> None:
-    shards = sum(1 for name in manifest["files"] if name.endswith(".safetensors"))
-    size = sum(e["bytes"] for name, e in manifest["files"].items() if name.endswith(".safetensors"))
-    print(f"exported {manifest['model']} ({manifest['recipe']}, {manifest['quantization']}) at {layout.tag}: "
-          f"{manifest['tensors']} tensors in {shards} safetensors files, {size / 2**20:.1f} MiB", flush=True)
+    weights = [name for name in manifest["files"] if name.endswith((".safetensors", ".gguf"))]
+    size = sum(manifest["files"][name]["bytes"] for name in weights)
+    kind = "gguf" if manifest["export_format"] == "gguf" else "safetensors"
+    print(f"exported {manifest['model']} ({manifest['recipe']}) as {manifest['export_format']} "
+          f"({manifest['quantization']}) at {layout.tag}: {manifest['tensors']} tensors in {len(weights)} {kind} "
+          f"files, {size / 2**20:.1f} MiB", flush=True)
+    for line in manifest.get("notes", []):
+        print(line, flush=True)
     print(f"output: {out}", flush=True)
     print(f"time: {timings['total_s']:.1f} s (load {timings['load_s']:.1f} s, export {timings['export_s']:.1f} s)",
           flush=True)

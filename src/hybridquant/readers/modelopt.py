@@ -1,7 +1,6 @@
-"""Exported checkpoints read back independently: safetensors + the published ModelOpt-HF format, no
-ModelOpt and nothing of the exporter. Every weight is dequantized the way a serving engine's reference
-kernels would, and transformers' NemotronHForCausalLM is built from the result (the evaluate stage
-scores exported checkpoints this way; the export tests use it as an independent reader).
+"""ModelOpt-HF exports read back independently: safetensors + the published format, no ModelOpt and
+nothing of the exporter. Every weight is dequantized the way a serving engine's reference kernels
+would (the evaluate stage scores exported checkpoints this way; the export tests use it as a reader).
 
 FP8:   weight (float8_e4m3fn [out, in]) × weight_scale (fp32 scalar)
 NVFP4: weight (uint8 [out, in/2], two E2M1 codes per byte, low nibble first)
@@ -67,33 +66,18 @@ def dequantize(tensors: dict[str, torch.Tensor], dtype=torch.float32) -> tuple[d
     return weights, formats
 
 
-def build_model(directory: Path, workdir: Path, max_seq_len: int = 512, dtype=torch.float32):
-    """transformers' NemotronHForCausalLM with the dequantized weights, loaded the way transformers
-    loads any checkpoint (its own name mapping), from a plain copy written to ``workdir``."""
-    from safetensors.torch import save_file
+def is_export(path: Path) -> bool:
+    path = Path(path)
+    return (path / "hf_quant_config.json").is_file() and (path / "model.safetensors.index.json").is_file()
 
-    from hybridquant import hf_reference
 
+def read(directory: Path, dtype=torch.float32) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(weights under the Hub's names in ``dtype``, the format of each, the model's config.json without
+    its quantization_config)."""
     weights, formats = dequantize(read_tensors(directory), dtype)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     config = json.loads((Path(directory) / "config.json").read_text())
     config.pop("quantization_config")  # the weights are dequantized here
-    (workdir / "config.json").write_text(json.dumps(config))
-    save_file(weights, str(workdir / "model.safetensors"), metadata={"format": "pt"})
-    return hf_reference.load(str(workdir), max_seq_len=max_seq_len, dtype=dtype, strict=True), formats
-
-
-def is_export(directory: Path) -> bool:
-    """A directory that holds an exported ModelOpt-HF checkpoint."""
-    directory = Path(directory)
-    return (directory / "hf_quant_config.json").is_file() and (directory / "model.safetensors.index.json").is_file()
-
-
-def provenance(directory: Path) -> dict:
-    """What the exporter recorded about the export's origin (model, recipe, calibration layout)."""
-    manifest = Path(directory) / "manifest.json"
-    return json.loads(manifest.read_text()) if manifest.is_file() else {}
+    return weights, formats, config
 
 
 def excluded(name: str, exclude_modules: list[str]) -> bool:
