@@ -123,15 +123,19 @@ def exported(quantized, tmp_path_factory):
 
     shared = _shared_root(tmp_path_factory)
 
-    def get(recipe: str, *overrides: str, nproc: int = 1):
+    def get(recipe: str, *overrides: str, nproc: int = 1, export_args: tuple = (), export_nproc: int | None = None):
         run_dir = quantized(recipe, *overrides, nproc=nproc)
+        ranks = nproc if export_nproc is None else export_nproc
 
         def make(root: Path) -> str:
-            proc = run_stage("export", [f"checkpoint={run_dir}", f"output_dir={root / 'export'}"], nproc=nproc)
+            proc = run_stage("export", [f"checkpoint={run_dir}", f"output_dir={root / 'export'}", *export_args],
+                             nproc=ranks)
             assert proc.returncode == 0, proc.stderr[-3000:]
             return proc.stdout
 
-        root = _once(shared / f"export-{_key(recipe, list(overrides), nproc)}", make)
+        key = _key(recipe, list(overrides), nproc) if not export_args and export_nproc is None else \
+            _key(recipe, list(overrides), nproc, list(export_args), ranks)
+        root = _once(shared / f"export-{key}", make)
         return run_dir, root / "export", (root / "stdout.txt").read_text()
 
     return get
@@ -143,9 +147,9 @@ def export_of(exported):
     export test files."""
     from export_settings import RECIPES
 
-    def get(key):
+    def get(key, *export_args: str, export_nproc: int | None = None):
         args, nproc, _ = RECIPES[key]
-        return exported(*args, nproc=nproc)
+        return exported(*args, nproc=nproc, export_args=export_args, export_nproc=export_nproc)
     return get
 
 

@@ -30,8 +30,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def evaluated(exported, tmp_path_factory):
     """One quantize run, its export, and one evaluation of both at PP2 (fake-quant and weight-only)."""
     run_dir, export_dir, _ = exported(*FP8)
+    _, ct_dir, _ = exported(*FP8, export_args=("export.format=compressed_tensors",))
+    _, gguf_dir, _ = exported(*FP8, export_args=("export.format=gguf", "export.options.gguf.types=[Q8_0]"))
     root = tmp_path_factory.mktemp("evaluate")
-    proc = run_stage("evaluate", [f"checkpoints=[{run_dir},{export_dir}]", TRAINED, f"output_root={root}",
+    proc = run_stage("evaluate", [f"checkpoints=[{run_dir},{export_dir},{ct_dir},{gguf_dir}]", TRAINED,
+                                  f"output_root={root}",
                                   "parallel.pp=2", "evaluation.modes=[fake_quant,weight_only]", *EVAL], nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = root / "evaluate" / "tiny_trained-tp1pp2ep1etp1"
@@ -49,6 +52,8 @@ def test_evaluate_stage_writes_json_plot_and_prints_the_table(evaluated):
     assert record["layout"]["pp"] == 2 and record["model"] == "tiny_trained"
     assert sorted(_rows(record)) == [("mamba_moe_fp8_conservative", "fake_quant"),
                                      ("mamba_moe_fp8_conservative", "weight_only"),
+                                     ("mamba_moe_fp8_conservative (GGUF Q8_0)", "export"),
+                                     ("mamba_moe_fp8_conservative (compressed-tensors export)", "export"),
                                      ("mamba_moe_fp8_conservative (export)", "export")]
     pattern = record["pattern"]
     for r in record["results"]:
@@ -78,13 +83,18 @@ def test_export_evaluates_like_its_checkpoint_with_weight_quantizers_only(evalua
     quantizers on, to float rounding of two implementations."""
     record, *_ = evaluated
     rows = _rows(record)
-    export = rows[("mamba_moe_fp8_conservative (export)", "export")]
     weights = rows[("mamba_moe_fp8_conservative", "weight_only")]
-    for key in ("kl_mean", "kl_p99", "kl_max", "perplexity"):
-        assert export[key] == pytest.approx(weights[key], rel=1e-3, abs=1e-6), key
-    assert abs(export["top1_agreement"] - weights["top1_agreement"]) <= 1 / export["positions"]
-    for a, b in zip(export["layers"], weights["layers"]):
-        assert a["rel_l2"] == pytest.approx(b["rel_l2"], rel=1e-3, abs=1e-5), a["layer"]
+    for label in ("export", "compressed-tensors export"):  # the same FP8 weights in two formats
+        export = rows[(f"mamba_moe_fp8_conservative ({label})", "export")]
+        for key in ("kl_mean", "kl_p99", "kl_max", "perplexity"):
+            assert export[key] == pytest.approx(weights[key], rel=1e-3, abs=1e-6), (label, key)
+        assert abs(export["top1_agreement"] - weights["top1_agreement"]) <= 1 / export["positions"]
+        for a, b in zip(export["layers"], weights["layers"]):
+            assert a["rel_l2"] == pytest.approx(b["rel_l2"], rel=1e-3, abs=1e-5), (label, a["layer"])
+    # GGUF Q8_0 is llama.cpp's quantization of every linear, not the recipe's: scored, and close to BF16.
+    gguf = rows[("mamba_moe_fp8_conservative (GGUF Q8_0)", "export")]
+    print(f"GGUF Q8_0 of the trained tiny model: KL {gguf['kl_mean']:.2e}, top-1 {gguf['top1_agreement']:.3f}")
+    assert 0 < gguf["kl_mean"] < 0.05 and gguf["top1_agreement"] > 0.9
 
 
 def _compose(repo, recipe, *overrides):

@@ -17,7 +17,7 @@ from launch import error_lines
 pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["quantize", "export", "evaluate", "card"]
+STAGES = ["quantize", "export", "export_gguf", "evaluate", "card"]
 
 
 def release(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -95,6 +95,15 @@ def test_model_card(built):
     for result in evaluation["results"]:  # the evaluation table is the evaluate stage's
         assert result["label"] in card
     assert f"{evaluation['reference']['perplexity']:.3f}" in card
+    # The GGUF export of the same release: its own card, files, llama.cpp / Ollama commands, and both
+    # types evaluated against the reference.
+    gguf_card = (rdir / "export_gguf" / "README.md").read_text()
+    for needle in ("GGUF for llama.cpp and Ollama (Q8_0, Q4_K_M)", "llama-cli -m tiny_trained-Q8_0.gguf",
+                   "ollama create", "| Q4_K_M | `tiny_trained-Q4_K_M.gguf` |", "quantized by llama.cpp"):
+        assert needle in gguf_card, needle
+    labels = {r["label"] for r in evaluation["results"]}
+    assert {"mamba_moe_fp8_conservative (GGUF Q8_0)", "mamba_moe_fp8_conservative (GGUF Q4_K_M)"} <= labels
+    assert (rdir / "export_gguf" / "Modelfile").read_text().startswith("FROM ./tiny_trained-Q8_0.gguf")
 
 
 def test_verify_detects_any_change(built, tmp_path):
@@ -120,7 +129,7 @@ def test_changed_config_reruns_the_stage_and_everything_after(built):
     root, rdir, _ = built
     proc = release("experiment=tiny_fp8", f"output_root={root}", "release.evaluation.num_samples=3", cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert skipped(proc) == ["quantize", "export"] and ran(proc) == ["evaluate", "card"]
+    assert skipped(proc) == ["quantize", "export", "export_gguf"] and ran(proc) == ["evaluate", "card"]
     assert json.loads((rdir / "evaluate" / "evaluation.json").read_text())["data"]["samples"] == 3
     assert verify(rdir).returncode == 0
 

@@ -1,9 +1,11 @@
-"""The model card (README.md of the exported checkpoint), generated from what the release produced:
+"""The model card (README.md of each exported checkpoint), generated from what the release produced:
 
     python -m hybridquant.model_card <release dir>
 
 model and source, the recipe as the recipe table prints it (module kind x format), the calibration
-data, the evaluation table, and how to serve the checkpoint with vLLM and SGLang.
+data, the evaluation table, and how to serve the export: vLLM and SGLang (ModelOpt), vLLM
+(compressed-tensors), llama.cpp and Ollama (GGUF). One card per export directory (export/,
+export_<format>/).
 """
 
 from __future__ import annotations
@@ -69,13 +71,69 @@ Keep the Mamba SSM state cache in float32 (`--mamba_ssm_cache_dtype float32`): t
 GEMMs, not the recurrent state."""
 
 
-def render(release_dir: Path) -> str:
+def compressed_tensors_usage(name: str, quant: dict) -> str:
+    kv = " --kv-cache-dtype fp8" if quant.get("kv_cache_scheme") else ""
+    return f"""```bash
+# vLLM (reads config.json: quantization_config, quant_method compressed-tensors)
+vllm serve {name} --trust-remote-code --mamba_ssm_cache_dtype float32{kv}
+```
+
+Keep the Mamba SSM state cache in float32 (`--mamba_ssm_cache_dtype float32`): the recipe quantizes
+GEMMs, not the recurrent state."""
+
+
+def gguf_usage(name: str, manifest: dict) -> str:
+    first = next(iter(manifest["gguf"].values()))["file"]
+    return f"""```bash
+# llama.cpp
+llama-cli -m {first} -cnv
+llama-server -m {first} --port 8080
+# Ollama (Modelfile: this file, the ChatML template, stop at <|im_end|>)
+ollama create {name} -f Modelfile && ollama run {name}
+```"""
+
+
+def gguf_markdown(export_dir: Path, manifest: dict) -> str:
+    lines = ["| type | file | size (MiB) | tensors by GGML type (llama.cpp's choice) |", "|---|---|---|---|"]
+    for gguf_type, entry in manifest["gguf"].items():
+        size = manifest["files"][entry["file"]]["bytes"] / 2**20
+        types = ", ".join(f"{k} {v}" for k, v in entry["tensor_types"].items())
+        lines.append(f"| {gguf_type} | `{entry['file']}` | {size:.1f} | {types} |")
+    return "\n".join(lines) + "\n\n" + "\n".join(f"{n}." for n in manifest.get("notes", []))
+
+
+def format_facts(export_dir: Path, name: str) -> dict:
+    """What the card says about one export: its format line, tags, exclusions and serving commands."""
+    manifest = _read_json(export_dir / "manifest.json")
+    fmt = manifest.get("export_format", "modelopt")
+    if fmt == "modelopt":
+        hf_quant = _read_json(export_dir / "hf_quant_config.json")["quantization"]
+        excluded = hf_quant.get("exclude_modules", [])
+        return {"format": "Hugging Face safetensors in ModelOpt format (`hf_quant_config.json`, `config.json: "
+                          "quantization_config`)",
+                "tag": "modelopt", "algo": hf_quant["quant_algo"] + (", FP8 KV cache"
+                                                                    if hf_quant.get("kv_cache_quant_algo") else ""),
+                "excluded": excluded, "usage": usage_markdown(name, hf_quant["quant_algo"]), "extra": ""}
+    if fmt == "compressed_tensors":
+        quant = _read_json(export_dir / "config.json")["quantization_config"]
+        return {"format": f"Hugging Face safetensors in compressed-tensors format (`{quant['format']}`, "
+                          f"compressed-tensors {quant.get('version')})",
+                "tag": "compressed-tensors", "algo": manifest["quantization"], "excluded": quant.get("ignore", []),
+                "usage": compressed_tensors_usage(name, quant), "extra": ""}
+    return {"format": "GGUF for llama.cpp and Ollama (" + ", ".join(manifest["gguf"]) + ")", "tag": "gguf",
+            "algo": "GGUF " + ", ".join(manifest["gguf"]), "excluded": [], "usage": gguf_usage(name, manifest),
+            "extra": "## Files\n\n" + gguf_markdown(export_dir, manifest) + "\n\n"}
+
+
+def render(release_dir: Path, export_name: str = "export") -> str:
     release_dir = Path(release_dir)
     qcfg = OmegaConf.to_container(OmegaConf.load(release_dir / "quantize" / "config.yaml"), resolve=True)
     report = _read_json(release_dir / "quantize" / "report.json")
     evaluation = _read_json(release_dir / "evaluate" / "evaluation.json")
-    hf_quant = _read_json(release_dir / "export" / "hf_quant_config.json")["quantization"]
-    hf_config = _read_json(release_dir / "export" / "config.json")
+    facts = format_facts(release_dir / export_name, release_dir.name)
+    from hybridquant import readers
+
+    hf_config = readers.config(release_dir / export_name)
     model, quant = qcfg["model"], qcfg["quant"]
     if report.get("stage") == "autoquant":  # the per-layer recipe it chose, not its base recipe
         quant = report["recipe"]
@@ -88,13 +146,13 @@ def render(release_dir: Path) -> str:
     return f"""---
 library_name: transformers
 base_model: {model.get('path') or model['name']}
-tags: [nemotron-h, mamba, moe, modelopt, {quant_algo_tag(hf_quant['quant_algo'])}]
+tags: [nemotron-h, mamba, moe, {facts['tag']}, {quant_algo_tag(facts['algo'].split(',')[0].split(' + ')[0])}]
 ---
 
 # {name}
 
 {model['name']} quantized with NVIDIA ModelOpt post-training quantization, recipe `{quant['name']}`
-({hf_quant['quant_algo']}{', FP8 KV cache' if hf_quant.get('kv_cache_quant_algo') else ''}).
+({facts['algo']}).
 {quant.get('description', '').strip()}
 
 ## Model
@@ -102,15 +160,16 @@ tags: [nemotron-h, mamba, moe, modelopt, {quant_algo_tag(hf_quant['quant_algo'])
 - source checkpoint: `{model.get('path') or model['name'] + ' (embedded, built from conf/model)'}`
 - architecture: Nemotron-H hybrid, {len(kinds)} layers ({counts}), hidden size {hf_config.get('hidden_size')},
   {hf_config.get('n_routed_experts', '-')} routed experts (top-{hf_config.get('num_experts_per_tok', '-')})
-- format: Hugging Face safetensors in ModelOpt format (`hf_quant_config.json`, `config.json: quantization_config`)
+- format: {facts['format']}
 - calibrated at TP{layout['tp']} PP{layout['pp']} EP{layout['ep']} ETP{layout['etp']} ({layout['world_size']} rank{'s' if layout['world_size'] > 1 else ''})
 
 ## Recipe
 
 {recipe_markdown(quant, model)}
 
-{qad_markdown(release_dir)}Excluded from quantization (BF16/FP32): {', '.join(f'`{m}`' for m in hf_quant.get('exclude_modules', [])[:12]) or 'none'}{' …' if len(hf_quant.get('exclude_modules', [])) > 12 else ''}
+{qad_markdown(release_dir)}Excluded from quantization (BF16/FP32): {', '.join(f'`{m}`' for m in facts['excluded'][:12]) or 'none'}{' …' if len(facts['excluded']) > 12 else ''}
 
+{facts['extra']}
 ## Calibration data
 
 {calibration_markdown(report['calibration'], qcfg)}
@@ -121,7 +180,7 @@ tags: [nemotron-h, mamba, moe, modelopt, {quant_algo_tag(hf_quant['quant_algo'])
 
 ## Usage
 
-{usage_markdown(name, hf_quant['quant_algo'])}
+{facts['usage']}
 
 ## Reproduce
 
@@ -149,16 +208,27 @@ def qad_markdown(release_dir: Path) -> str:
 
 
 def quant_algo_tag(algo: str) -> str:
-    return algo.lower().replace("_", "-")
+    return algo.lower().replace("_", "-").replace(" ", "-")
 
 
-def write(release_dir: Path) -> Path:
-    text = render(release_dir)
-    path = Path(release_dir) / "export" / CARD
-    tmp = path.with_name(f".{CARD}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+def export_dirs(release_dir: Path) -> list[str]:
+    """The release's export directories (export/, export_<format>/), each with its manifest."""
+    return sorted(p.name for p in Path(release_dir).iterdir()
+                  if p.is_dir() and (p.name == "export" or p.name.startswith("export_")) and (p / "manifest.json").is_file())
+
+
+def write(release_dir: Path) -> list[Path]:
+    paths = []
+    for name in export_dirs(release_dir):
+        text = render(release_dir, name)
+        path = Path(release_dir) / name / CARD
+        tmp = path.with_name(f".{CARD}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+        paths.append(path)
+    if not paths:
+        raise UserError(f"model card: {release_dir} has no export directory")
+    return paths
 
 
 def main(argv: list[str]) -> int:
@@ -166,11 +236,12 @@ def main(argv: list[str]) -> int:
         print("usage: python -m hybridquant.model_card <release dir>", file=sys.stderr)
         return 2
     try:
-        path = write(Path(argv[0]))
+        paths = write(Path(argv[0]))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"model card: {path}")
+    for path in paths:
+        print(f"model card: {path}")
     return 0
 
 

@@ -4,7 +4,8 @@ A release directory (``<output_root>/release/<name>/``)::
 
     quantize/          the quantize run (Megatron checkpoint, report.json, config.yaml)
     qad/               with ``release.qad``: the quantized checkpoint distilled from the source (export's input)
-    export/            the Hugging Face checkpoint in ModelOpt format; export/README.md is the model card
+    export/            the first of release.formats (ModelOpt-HF by default); export/README.md is its model card
+    export_<format>/   each further format (gguf, compressed_tensors), with its own model card
     evaluate/          evaluation.json / .png of the quantize run and of the export vs the reference
     logs/<stage>.log   each stage's output
     .stages/<stage>.json  what each stage ran (command, fingerprint) and produced (size + sha256 per file)
@@ -42,6 +43,15 @@ REPO = Path(__file__).resolve().parents[2]
 MANIFEST = "release.json"
 RECORDS = ".stages"
 STAGES = ("quantize", "qad", "export", "evaluate", "card")
+
+
+def export_dirs(formats: list[str]) -> list[str]:
+    """The export stage of each format, and its directory: export, export_<format>, ..."""
+    return ["export" if i == 0 else f"export_{fmt}" for i, fmt in enumerate(formats)]
+
+
+def stage_names(formats: list[str]) -> tuple[str, ...]:
+    return ("quantize", "qad", *export_dirs(formats), "evaluate", "card")
 CARD = "README.md"
 FORMAT = 1  # bump when what a stage record means changes: every stage then re-runs
 
@@ -109,18 +119,26 @@ def plan(cfg: DictConfig, release_dir: Path) -> list[Stage]:
             ranks_of(qad_layout) if qad_layout else ranks_of(r["quantize_parallel"]))
     trained = d / ("qad" if qad else "quantize")
     export_layout = {k: v for k, v in r["export_parallel"].items() if v is not None}
-    export = Stage("export", ["export"], [
-        f"checkpoint={trained}", f"output_dir={d / 'export'}", "export.overwrite=true", f"seed={cfg.seed}",
+    formats = list(r.get("formats") or ["modelopt"])
+    if len(set(formats)) != len(formats):
+        raise UserError(f"release.formats lists a format twice: {formats}")
+    unknown = sorted(set(r.get("export_options") or {}) - set(formats))
+    if unknown:
+        raise UserError(f"release.export_options has options for {unknown[0]!r}, which release.formats does not list")
+    exports = [Stage(name, [name], [
+        f"checkpoint={trained}", f"output_dir={d / name}", "export.overwrite=true", f"seed={cfg.seed}",
+        f"export.format={fmt}", *_kv(f"export.options.{fmt}", (r.get("export_options") or {}).get(fmt) or {}),
         *_kv("parallel", export_layout), *r["overrides"].get("export", [])],
         ranks_of(export_layout) if export_layout else ranks_of(r["quantize_parallel"]))
+        for name, fmt in zip(export_dirs(formats), formats)]
     evaluate = Stage("evaluate", ["evaluate"], [
-        f"checkpoints=[{','.join(str(x) for x in [d / 'quantize', *([trained] if qad else []), d / 'export'])}]",
+        f"checkpoints=[{','.join(str(x) for x in [d / 'quantize', *([trained] if qad else []), *(d / e.name for e in exports)])}]",
         f"model={r['model']}", f"seed={cfg.seed}",
         *_kv("evaluation", r["evaluation"]), *_kv("parallel", r["evaluate_parallel"]),
         f"hydra.run.dir={d / 'evaluate'}", *r["overrides"].get("evaluate", [])], ranks_of(r["evaluate_parallel"]))
-    card_stage = Stage("card", [f"export/{CARD}"], [f"format={FORMAT}"], 1,
+    card_stage = Stage("card", [f"{e.name}/{CARD}" for e in exports], [f"format={FORMAT}"], 1,
                        run=lambda: run_module("card", ["hybridquant.model_card", str(d)], d / "logs"))
-    return [quantize, *([qad] if qad else []), export, evaluate, card_stage]
+    return [quantize, *([qad] if qad else []), *exports, evaluate, card_stage]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -237,7 +255,7 @@ def execute(stages: list[Stage], release_dir: Path, runner: Runner, versions: di
                 target = release_dir / rel
                 # export replaces its directory itself; an unfinished qad run (no record) resumes from its
                 # last checkpoint, and refuses one-line if its settings have changed since
-                if target.is_dir() and stage.name != "export" and not (stage.name == "qad" and not record):
+                if target.is_dir() and not stage.name.startswith("export") and not (stage.name == "qad" and not record):
                     shutil.rmtree(target)
                 elif target.is_file():
                     target.unlink()
@@ -261,7 +279,7 @@ def execute(stages: list[Stage], release_dir: Path, runner: Runner, versions: di
 
 def _owned_by_later(path: Path, release_dir: Path, stage: Stage) -> bool:
     """The model card lives in the export directory but belongs to the card stage."""
-    return stage.name == "export" and path.relative_to(release_dir) == Path("export") / CARD
+    return stage.name.startswith("export") and path.relative_to(release_dir) == Path(stage.name) / CARD
 
 
 # ------------------------------------------------------------------------------------------------

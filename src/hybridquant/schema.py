@@ -281,6 +281,9 @@ class ReleaseSpec:
     qad_parallel: LoadLayoutConf = field(default_factory=LoadLayoutConf)  # null: as calibrated
     quantize_parallel: ParallelConf = field(default_factory=ParallelConf)
     export_parallel: LoadLayoutConf = field(default_factory=LoadLayoutConf)  # null: as calibrated
+    # Export formats, each its own stage and directory: the first is export/, the others export_<format>/.
+    formats: List[str] = field(default_factory=lambda: ["modelopt"])
+    export_options: Dict[str, Any] = field(default_factory=dict)  # format -> export.options.<format>.* settings
     evaluate_parallel: ParallelConf = field(default_factory=ParallelConf)
     evaluation: Dict[str, Any] = field(default_factory=dict)  # evaluation.* overrides of the evaluate stage
     overrides: Dict[str, List[str]] = field(default_factory=dict)  # more Hydra overrides per stage

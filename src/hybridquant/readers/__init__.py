@@ -28,6 +28,16 @@ def format_of(path: Path) -> str | None:
     return None
 
 
+def expand(path: Path) -> list[Path]:
+    """A GGUF export directory holding several types -> each of its files; anything else -> itself."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(f for f in path.glob("*.gguf") if not f.name.startswith("."))
+        if len(files) > 1:
+            return files
+    return [path]
+
+
 def is_export(path: Path) -> bool:
     return format_of(path) is not None
 
@@ -37,6 +47,29 @@ def provenance(path: Path) -> dict:
     path = Path(path)
     manifest = (path if path.is_dir() else path.parent) / "manifest.json"
     return json.loads(manifest.read_text()) if manifest.is_file() else {}
+
+
+def config(path: Path) -> dict:
+    """The model's Hugging Face config as the export states it (a GGUF file: rebuilt from its metadata)."""
+    if format_of(path) == "gguf":
+        from gguf import GGUFReader
+
+        from hybridquant.readers import gguf
+
+        return gguf.config_from_metadata(GGUFReader(str(gguf.gguf_file(expand(path)[0]))))
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+def describe(path: Path) -> str:
+    """How an export is named in reports: 'export' (ModelOpt), 'compressed-tensors export', 'GGUF Q4_K_M'."""
+    name = format_of(path)
+    if name == "gguf":
+        from hybridquant.readers import gguf
+
+        file = gguf.gguf_file(path)
+        types = {v["file"]: t for t, v in (provenance(file).get("gguf") or {}).items()}
+        return f"GGUF {types.get(file.name, file.stem)}"
+    return {"modelopt": "export", "compressed_tensors": "compressed-tensors export"}[name]
 
 
 def read(path: Path, dtype=torch.float32):

@@ -193,3 +193,49 @@ def _undo(hub_rest: str, values: torch.Tensor, config: dict) -> torch.Tensor:
     if hub_rest == "mixer.k_proj.weight":
         return unpermute_qk(values, config["num_key_value_heads"])
     return values
+
+
+# -- llama.cpp itself, the real consumer: its logits and its own dequantization ------------------------
+
+def llama_logits(path: Path, input_ids: list[int], n_ctx: int = 512) -> "torch.Tensor":
+    """llama.cpp's logits at every position of ``input_ids`` (float32 [len, vocab])."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_file(path)), n_ctx=max(n_ctx, len(input_ids)), n_batch=max(n_ctx, len(input_ids)),
+                logits_all=True, verbose=False, n_threads=1)
+    try:
+        llm.reset()
+        llm.eval(list(input_ids))
+        return torch.from_numpy(np.array(llm.scores[: len(input_ids)], dtype=np.float32))
+    finally:
+        llm.close()
+
+
+def llama_tokenize(path: Path, text: str) -> list[int]:
+    """llama.cpp's tokenization of ``text`` (special tokens parsed, no BOS added)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_file(path)), n_ctx=64, vocab_only=True, verbose=False)
+    try:
+        return llm.tokenize(text.encode(), add_bos=False, special=True)
+    finally:
+        llm.close()
+
+
+def llama_dequantize(src: Path, dst: Path) -> Path:
+    """The file dequantized to F32 by llama.cpp itself (its quantizer with ftype ALL_F32, requantizing)."""
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp._logger import set_verbose
+
+    set_verbose(False)
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = 0  # LLAMA_FTYPE_ALL_F32
+    params.allow_requantize = True
+    params.nthread = 1
+    if llama_cpp.llama_model_quantize(str(gguf_file(src)).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp could not dequantize {src}")
+    return Path(dst)

@@ -87,7 +87,7 @@ def plan(cfg: DictConfig, world_size: int | None = None) -> Plan:
         raise UserError(f"evaluation.modes={modes} must be a non-empty list of {', '.join(MODES)}")
     if cfg.evaluation.num_samples < 1 or cfg.evaluation.max_seq_len < 2:
         raise UserError("evaluation.num_samples must be >= 1 and evaluation.max_seq_len >= 2")
-    entries = [_entry(p) for p in paths]
+    entries = [_entry(str(f)) for p in paths for f in readers.expand(Path(p))]
     _unique_labels(entries)
 
     model_cfg = source.config_dict(cfg.model) if cfg.get("model") is not None else None
@@ -138,7 +138,7 @@ def _entry(path: str) -> Entry:
         raise UserError(f"checkpoint {given} does not exist")
     if readers.is_export(given):
         prov = readers.provenance(given)
-        return Entry(path=given, kind="export", label=f"{prov.get('recipe') or given.name} (export)",
+        return Entry(path=given, kind="export", label=f"{prov.get('recipe') or given.name} ({readers.describe(given)})",
                      meta={"model": prov.get("model"), "recipe": prov.get("recipe")})
     directory = checkpoint.resolve(given)
     meta = checkpoint.read_metadata(directory)  # one-line error for anything that is not a checkpoint
@@ -175,7 +175,7 @@ def _unique_labels(entries: list[Entry]) -> None:
 
 
 def _config_of(e: Entry) -> dict:
-    return source.read_config(checkpoint.hf_dir(e.path) if e.kind == "megatron" else e.path)
+    return source.read_config(checkpoint.hf_dir(e.path)) if e.kind == "megatron" else readers.config(e.path)
 
 
 def _check_not_seen(digest: str, data: Path, entries: list[Entry], reference: Path) -> None:

@@ -20,9 +20,10 @@ def check(cfg: DictConfig) -> None:
     missing = [f"release.{k}" for k in _missing(cfg.release)]
     if missing:
         raise UserError(f"experiment {cfg.release.name} needs {', '.join(missing)} (set it on the command line)")
-    unknown = sorted(set(cfg.force) - set(release.STAGES))
+    stages = release.stage_names(list(cfg.release.formats or ["modelopt"]))
+    unknown = sorted(set(cfg.force) - set(stages))
     if unknown:
-        raise UserError(f"force={list(cfg.force)}: unknown stage(s) {unknown}; stages: {', '.join(release.STAGES)}")
+        raise UserError(f"force={list(cfg.force)}: unknown stage(s) {unknown}; stages: {', '.join(stages)}")
     unknown = sorted(set(cfg.release.overrides) - set(release.STAGES))
     if unknown:
         raise UserError(f"release.overrides has unknown stage(s) {unknown}")
