@@ -66,8 +66,9 @@ def main() -> None:
             params = sum(p.numel() for p in model.parameters())
             bf16_bytes = 2 * params
             del model
-            exports = {"modelopt": [], "compressed_tensors": [],
-                       "gguf": [f"export.options.gguf.types=[{','.join(GGUF_TYPES)}]"]}
+            exports = {"modelopt": [], "compressed_tensors": []}
+            if recipe == next(iter(RECIPES)):  # GGUF is made from the BF16 weights: the same for every recipe
+                exports["gguf"] = [f"export.options.gguf.types=[{','.join(GGUF_TYPES)}]"]
             for fmt, options in exports.items():
                 outs = {}
                 for layout, nproc, extra in (("1 rank", 1, []), ("PP2", 2, ["parallel.pp=2"])):
@@ -96,7 +97,7 @@ def main() -> None:
                     rows.append((recipe, f"{fmt} {a['quantization']} ({judge})", size, bf16_bytes, rel, top1, same))
         print(f"model {args.model}: logits vs the unquantized source on {args.samples} held-out samples of "
               f"{args.length} tokens; size = weight files vs the BF16 model (2 bytes per parameter)")
-        print(f"| recipe | export (read by) | size MiB | vs BF16 | rel L2 | top-1 | same sha256 at PP2 |")
+        print("| recipe | export (read by) | size MiB | vs BF16 | rel L2 | top-1 | same sha256 at PP2 |")
         print("|---|---|---|---|---|---|---|")
         for recipe, what, size, bf16, rel, top1, same in rows:
             print(f"| {recipe} | {what} | {size / 2**20:.2f} | {size / bf16:.3f} | {rel:.4f} | {top1:.3f} | "

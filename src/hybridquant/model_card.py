@@ -82,8 +82,13 @@ Keep the Mamba SSM state cache in float32 (`--mamba_ssm_cache_dtype float32`): t
 GEMMs, not the recurrent state."""
 
 
+def gguf_types(manifest: dict) -> list[str]:
+    """The GGUF types in the order they were asked for (the first is the Modelfile's)."""
+    return manifest["quantization"].split(",")
+
+
 def gguf_usage(name: str, manifest: dict) -> str:
-    first = next(iter(manifest["gguf"].values()))["file"]
+    first = manifest["gguf"][gguf_types(manifest)[0]]["file"]
     return f"""```bash
 # llama.cpp
 llama-cli -m {first} -cnv
@@ -95,7 +100,8 @@ ollama create {name} -f Modelfile && ollama run {name}
 
 def gguf_markdown(export_dir: Path, manifest: dict) -> str:
     lines = ["| type | file | size (MiB) | tensors by GGML type (llama.cpp's choice) |", "|---|---|---|---|"]
-    for gguf_type, entry in manifest["gguf"].items():
+    for gguf_type in gguf_types(manifest):
+        entry = manifest["gguf"][gguf_type]
         size = manifest["files"][entry["file"]]["bytes"] / 2**20
         types = ", ".join(f"{k} {v}" for k, v in entry["tensor_types"].items())
         lines.append(f"| {gguf_type} | `{entry['file']}` | {size:.1f} | {types} |")
@@ -120,8 +126,8 @@ def format_facts(export_dir: Path, name: str) -> dict:
                           f"compressed-tensors {quant.get('version')})",
                 "tag": "compressed-tensors", "algo": manifest["quantization"], "excluded": quant.get("ignore", []),
                 "usage": compressed_tensors_usage(name, quant), "extra": ""}
-    return {"format": "GGUF for llama.cpp and Ollama (" + ", ".join(manifest["gguf"]) + ")", "tag": "gguf",
-            "algo": "GGUF " + ", ".join(manifest["gguf"]), "excluded": [], "usage": gguf_usage(name, manifest),
+    return {"format": "GGUF for llama.cpp and Ollama (" + ", ".join(gguf_types(manifest)) + ")", "tag": "gguf",
+            "algo": "GGUF " + ", ".join(gguf_types(manifest)), "excluded": [], "usage": gguf_usage(name, manifest),
             "extra": "## Files\n\n" + gguf_markdown(export_dir, manifest) + "\n\n"}
 
 
@@ -143,6 +149,18 @@ def render(release_dir: Path, export_name: str = "export") -> str:
     counts = ", ".join(f"{kinds.count(s)} {label}" for s, label in (("M", "Mamba-2"), ("E", "MoE"), ("*", "attention"),
                                                                    ("-", "MLP")) if kinds.count(s))
     layout = report["layout"]
+    if facts["tag"] == "gguf":
+        intro = (f"{model['name']} in GGUF for llama.cpp and Ollama ({facts['algo'].removeprefix('GGUF ')}), each type "
+                 f"quantized by llama.cpp's own quantizer from the checkpoint's weights. The release's ModelOpt recipe "
+                 f"`{quant['name']}` is in its other exports: its calibrated FP8/NVFP4 scales have no GGUF type.")
+        sections = f"{qad_markdown(release_dir)}{facts['extra']}"
+    else:
+        intro = (f"{model['name']} quantized with NVIDIA ModelOpt post-training quantization, recipe `{quant['name']}`\n"
+                 f"({facts['algo']}).\n{quant.get('description', '').strip()}")
+        excluded = ", ".join(f"`{m}`" for m in facts["excluded"][:12]) or "none"
+        sections = (f"## Recipe\n\n{recipe_markdown(quant, model)}\n\n{qad_markdown(release_dir)}Excluded from "
+                    f"quantization (BF16/FP32): {excluded}{' …' if len(facts['excluded']) > 12 else ''}\n\n"
+                    f"## Calibration data\n\n{calibration_markdown(report['calibration'], qcfg)}\n")
     return f"""---
 library_name: transformers
 base_model: {model.get('path') or model['name']}
@@ -151,9 +169,7 @@ tags: [nemotron-h, mamba, moe, {facts['tag']}, {quant_algo_tag(facts['algo'].spl
 
 # {name}
 
-{model['name']} quantized with NVIDIA ModelOpt post-training quantization, recipe `{quant['name']}`
-({facts['algo']}).
-{quant.get('description', '').strip()}
+{intro}
 
 ## Model
 
@@ -163,17 +179,7 @@ tags: [nemotron-h, mamba, moe, {facts['tag']}, {quant_algo_tag(facts['algo'].spl
 - format: {facts['format']}
 - calibrated at TP{layout['tp']} PP{layout['pp']} EP{layout['ep']} ETP{layout['etp']} ({layout['world_size']} rank{'s' if layout['world_size'] > 1 else ''})
 
-## Recipe
-
-{recipe_markdown(quant, model)}
-
-{qad_markdown(release_dir)}Excluded from quantization (BF16/FP32): {', '.join(f'`{m}`' for m in facts['excluded'][:12]) or 'none'}{' …' if len(facts['excluded']) > 12 else ''}
-
-{facts['extra']}
-## Calibration data
-
-{calibration_markdown(report['calibration'], qcfg)}
-
+{sections}
 ## Evaluation
 
 {evaluation_report.markdown(evaluation)}

@@ -129,7 +129,8 @@ def plan(cfg: DictConfig, release_dir: Path) -> list[Stage]:
         f"checkpoint={trained}", f"output_dir={d / name}", "export.overwrite=true", f"seed={cfg.seed}",
         f"export.format={fmt}", *_kv(f"export.options.{fmt}", (r.get("export_options") or {}).get(fmt) or {}),
         *_kv("parallel", export_layout), *r["overrides"].get("export", [])],
-        ranks_of(export_layout) if export_layout else ranks_of(r["quantize_parallel"]))
+        ranks_of(export_layout) if export_layout else ranks_of(r["quantize_parallel"]),
+        script=None if name == "export" else "export")
         for name, fmt in zip(export_dirs(formats), formats)]
     evaluate = Stage("evaluate", ["evaluate"], [
         f"checkpoints=[{','.join(str(x) for x in [d / 'quantize', *([trained] if qad else []), *(d / e.name for e in exports)])}]",
