@@ -12,10 +12,12 @@ setup:
 quantize: setup
 	.venv/bin/torchrun --nproc_per_node=$(NPROC) pipeline/quantize.py +quant=$(RECIPE) $(ARGS)
 
-## Export the run `make quantize` made (same NPROC/RECIPE) as a Hugging Face checkpoint in ModelOpt format.
+## Export the run `make quantize` made (same NPROC/RECIPE): FORMAT=modelopt (default) | gguf | compressed_tensors
+FORMAT ?= modelopt
 export: setup
 	.venv/bin/torchrun --nproc_per_node=$(NPROC) pipeline/export.py \
-		checkpoint=runs/quantize/tiny-$(RECIPE)-tp1pp1ep1etp1 output_dir=runs/export/tiny-$(RECIPE) export.overwrite=true $(ARGS)
+		checkpoint=runs/quantize/tiny-$(RECIPE)-tp1pp1ep1etp1 output_dir=runs/export/tiny-$(RECIPE)-$(FORMAT) \
+		export.format=$(FORMAT) export.overwrite=true $(ARGS)
 
 ## A release (quantize -> export -> evaluate -> model card + release.json): conf/experiment/$(EXPERIMENT).yaml
 EXPERIMENT ?= tiny_fp8

@@ -1,6 +1,8 @@
-"""Export a quantized checkpoint as a Hugging Face checkpoint in ModelOpt format (vLLM, SGLang).
+"""Export a quantized checkpoint for deployment: ModelOpt-HF (vLLM, SGLang), GGUF (llama.cpp, Ollama)
+or compressed-tensors (vLLM).
 
-    torchrun --nproc_per_node=N pipeline/export.py checkpoint=<quantize run dir> output_dir=<dir>
+    torchrun --nproc_per_node=N pipeline/export.py checkpoint=<quantize run dir> output_dir=<dir> \
+        [export.format=modelopt|gguf|compressed_tensors]
 
 Runs at the checkpoint's calibration layout unless parallel.* says otherwise.
 """

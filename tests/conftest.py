@@ -159,7 +159,7 @@ def export_of(exported):
 # order. pytest-xdist's loadfile hands whole files to the workers in collection order: started last,
 # a long file keeps one worker busy while the other has nothing left (alphabetically, test_variations
 # came last).
-LONGEST_FIRST = ("test_export.py", "test_qad.py", "test_qad_resume.py", "test_autoquant_layouts.py", "test_parallel.py",
+LONGEST_FIRST = ("test_export.py", "test_export_gguf.py", "test_qad.py", "test_export_ct.py", "test_qad_resume.py", "test_autoquant_layouts.py", "test_parallel.py",
                  "test_variations.py", "test_autoquant.py", "test_layout_parity.py", "test_release.py", "test_generate.py",
                  "test_evaluate.py", "test_slurm.py", "test_export_layouts.py", "test_export_errors.py")
 

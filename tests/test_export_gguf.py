@@ -215,3 +215,28 @@ def test_dense_and_moe_layers_together_have_no_gguf_form():
     assert "\n" not in str(info.value)
     assert gguf.architecture({"hybrid_override_pattern": "M-*M-"}) == "nemotron_h"
     assert gguf.architecture({"layers_block_type": ["mamba", "moe", "attention"]}) == "nemotron_h_moe"
+
+
+def test_a_model_without_experts_is_llama_cpps_nemotron_h(exported):
+    """Dense MLP layers ('-') and no experts: architecture nemotron_h, ffn_up/ffn_down, run by llama.cpp."""
+    from transformers import AutoTokenizer
+
+    from hybridquant import hf_reference
+    from hybridquant.readers import gguf as reader
+
+    dense = ("mamba_moe_fp8_aggressive", "model=tiny_wide", "model.arch.hybrid_override_pattern=M-*M-",
+             "calib.num_samples=2", "calib.max_seq_len=64")
+    run_dir, out, _ = exported(*dense, export_args=("export.format=gguf", "export.options.gguf.types=[F32]"))
+    path = reader.gguf_file(out)
+    meta = reader.metadata(path)
+    assert meta["general.architecture"] == "nemotron_h"
+    assert meta["nemotron_h.feed_forward_length"] == [0, 256, 0, 0, 256]
+    assert {"blk.1.ffn_up.weight", "blk.1.ffn_down.weight"} <= set(reader.tensor_types(path))
+    source = json.loads((run_dir / "checkpoint" / "hybridquant.json").read_text())["source"]
+    ids = AutoTokenizer.from_pretrained(source)(TEXT, add_special_tokens=False)["input_ids"]
+    model = hf_reference.load(source, max_seq_len=256, dtype=torch.float32, strict=True)
+    with torch.no_grad():
+        reference = model(torch.tensor([ids])).logits[0]
+    logits = reader.llama_logits(path, ids)
+    print(f"GGUF F32 nemotron_h (dense) in llama.cpp vs transformers: rel L2 {_rel(logits, reference):.2e}")
+    assert _rel(logits, reference) < 1e-3 and _top1(logits, reference) == 1.0
