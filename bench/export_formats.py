@@ -34,7 +34,7 @@ def heldout_ids(source: str, samples: int, length: int) -> list[list[int]]:
 
     tok = AutoTokenizer.from_pretrained(source)
     batch = calib.load("package:heldout.jsonl", tok, num_samples=samples, max_seq_len=length, seed=0).samples
-    return [row.tolist() if hasattr(row, "tolist") else list(row) for row in batch]
+    return [torch.as_tensor(row).reshape(-1).tolist() for row in batch]
 
 
 def compare(logits: list[torch.Tensor], reference: list[torch.Tensor]) -> tuple[float, float]:

@@ -206,9 +206,21 @@ def test_bad_format_options_are_one_line_errors(overrides, message, quantized, t
     assert not (tmp_path / "out").exists()
 
 
-def test_dense_and_moe_layers_together_have_no_gguf_form():
-    """llama.cpp's nemotron_h_moe takes every FFN layer as MoE: a pattern with both is refused, not written."""
+def test_dense_and_moe_layers_together_have_no_gguf_form(quantized, tmp_path):
+    """llama.cpp's nemotron_h_moe takes every FFN layer as MoE: a pattern with both is refused, not written
+    (by the stage before any process group: the checkpoint's config is read first)."""
+    import shutil
+
     from hybridquant.formats import gguf
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(quantized(*FP8) / "checkpoint", ckpt)
+    config = json.loads((ckpt / "hf" / "config.json").read_text())
+    config["hybrid_override_pattern"] = config["hybrid_override_pattern"][:-1] + "-"
+    (ckpt / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="cannot hold dense MLP layers") as info:
+        export_in_process(ckpt, tmp_path / "out", "export.format=gguf")
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
 
     with pytest.raises(UserError, match="cannot hold dense MLP layers") as info:
         gguf.architecture({"hybrid_override_pattern": "ME*M-"})

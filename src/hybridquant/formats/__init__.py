@@ -25,8 +25,8 @@ class Format:
     uses_scales = True          # False: the format quantizes the source weights itself (GGUF)
 
     @classmethod
-    def check(cls, options: Mapping[str, Any]) -> None:
-        """Refuse bad options (UserError) before any process group exists."""
+    def check(cls, options: Mapping[str, Any], source_hf: Path) -> None:
+        """Refuse bad options, or a model the format cannot hold (UserError), before any process group exists."""
         if options:
             raise UserError(f"export.options.{cls.name} takes no options (given: {', '.join(sorted(options))})")
 
@@ -54,8 +54,8 @@ def _class(name: str) -> type[Format]:
     return importlib.import_module(f"hybridquant.formats.{name}").Format
 
 
-def check_options(name: str, options: Mapping[str, Any]) -> None:
-    _class(name).check(options)
+def check_options(name: str, options: Mapping[str, Any], source_hf: Path) -> None:
+    _class(name).check(options, Path(source_hf))
 
 
 def get(name: str, options: Mapping[str, Any], plan, source_hf: Path, model_name: str) -> Format:

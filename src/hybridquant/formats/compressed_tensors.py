@@ -69,7 +69,7 @@ class Format(formats.Format):
     name = "compressed_tensors"
 
     @classmethod
-    def check(cls, options):
+    def check(cls, options, source_hf):
         unknown = sorted(set(options) - {"fp8_activations"})
         if unknown:
             raise UserError(f"export.options.compressed_tensors has no option {unknown[0]!r} "

@@ -107,7 +107,7 @@ class Format(formats.Format):
     uses_scales = False
 
     @classmethod
-    def check(cls, options):
+    def check(cls, options, source_hf):
         unknown = sorted(set(options) - {"types", "pre"})
         if unknown:
             raise UserError(f"export.options.gguf has no option {unknown[0]!r} (options: types, pre)")
@@ -120,6 +120,12 @@ class Format(formats.Format):
                                 f"(one of: {', '.join(TYPES)})")
         if len(set(types)) != len(types):
             raise UserError(f"export.options.gguf.types lists a type twice: {types}")
+        config = json.loads((source_hf / "config.json").read_text())
+        architecture(config)
+        if not any(k in config for k in ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon")):
+            raise UserError("config.json has no layer_norm_epsilon, which llama.cpp's Nemotron-H needs")
+        if not options.get("pre"):
+            _pre_tokenizer(source_hf)
 
     def __init__(self, options, plan, source_hf, model_name):
         super().__init__(options, plan, source_hf, model_name)
@@ -277,12 +283,8 @@ class Format(formats.Format):
             if key in c:
                 w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", float(c[key]))
                 break
-        for key in ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"):
-            if key in c:
-                w.add_float32(f"{a}.attention.layer_norm_epsilon", float(c[key]))
-                break
-        else:
-            raise UserError("config.json has no layer_norm_epsilon, which llama.cpp's Nemotron-H needs")
+        key = next(k for k in ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon") if k in c)  # checked
+        w.add_float32(f"{a}.attention.layer_norm_epsilon", float(c[key]))
         if a == "nemotron_h_moe":
             w.add_uint32(f"{a}.expert_count", int(c["n_routed_experts"]))
             w.add_uint32(f"{a}.expert_used_count", int(c["num_experts_per_tok"]))

@@ -63,7 +63,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     if fmt_name not in known:
         raise UserError(f"export.format={fmt_name!r} is not a format (one of: {', '.join(sorted(known))})")
     fmt_options = OmegaConf.to_container(cfg.export.options[fmt_name], resolve=True) or {}
-    formats.check_options(fmt_name, fmt_options)
+    formats.check_options(fmt_name, fmt_options, hf_dir)
 
     parallel.init(layout, seed=cfg.seed, backend=cfg.cluster.backend, timeout_s=cfg.cluster.timeout_s)
     tmp = partial_dir(out)
