@@ -4,7 +4,7 @@
     .venv/bin/python bench/export_formats.py --model tiny_wide    # rows of 256: real K-quants in GGUF
 
 For each recipe it quantizes the model once (1 rank), exports it in every format at one rank and at
-PP2 (two ranks), and prints per format and type: the weight files' size against the BF16 model, the
+EP2 (two ranks; --layout to change), and prints per format and type: the weight files' size against the BF16 model, the
 logits against the unquantized source on held-out text (relative L2, top-1 agreement) as the consumer
 reads them (llama.cpp runs the GGUF file itself; the compressed-tensors library decompresses its
 export; the ModelOpt export through the package's independent reader), and whether the two layouts
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny_trained")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--layout", default="ep=2", help="the second layout, parallel.<size>=<n> on 2 ranks")
     args = parser.parse_args()
 
     from hybridquant import hf_reference, readers
@@ -71,13 +72,13 @@ def main() -> None:
                 exports["gguf"] = [f"export.options.gguf.types=[{','.join(GGUF_TYPES)}]"]
             for fmt, options in exports.items():
                 outs = {}
-                for layout, nproc, extra in (("1 rank", 1, []), ("PP2", 2, ["parallel.pp=2"])):
+                for layout, nproc, extra in (("1 rank", 1, []), ("other", 2, [f"parallel.{args.layout}"])):
                     out = tmp / f"{recipe}-{fmt}-{nproc}"
                     stage("export", nproc, [f"checkpoint={run_dir}", f"output_dir={out}", f"export.format={fmt}",
                                             *options, *extra])
                     outs[layout] = out
                 a = json.loads((outs["1 rank"] / "manifest.json").read_text())
-                b = json.loads((outs["PP2"] / "manifest.json").read_text())
+                b = json.loads((outs["other"] / "manifest.json").read_text())
                 same = {n: e["sha256"] for n, e in a["files"].items()} == {n: e["sha256"] for n, e in b["files"].items()}
                 out = outs["1 rank"]
                 if fmt == "gguf":
@@ -97,7 +98,7 @@ def main() -> None:
                     rows.append((recipe, f"{fmt} {a['quantization']} ({judge})", size, bf16_bytes, rel, top1, same))
         print(f"model {args.model}: logits vs the unquantized source on {args.samples} held-out samples of "
               f"{args.length} tokens; size = weight files vs the BF16 model (2 bytes per parameter)")
-        print("| recipe | export (read by) | size MiB | vs BF16 | rel L2 | top-1 | same sha256 at PP2 |")
+        print(f"| recipe | export (read by) | size MiB | vs BF16 | rel L2 | top-1 | same sha256 at {args.layout} |")
         print("|---|---|---|---|---|---|---|")
         for recipe, what, size, bf16, rel, top1, same in rows:
             print(f"| {recipe} | {what} | {size / 2**20:.2f} | {size / bf16:.3f} | {rel:.4f} | {top1:.3f} | "

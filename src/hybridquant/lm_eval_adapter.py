@@ -2,7 +2,7 @@
 
 Two backends evaluate the directory ``pipeline/export.py`` writes (ModelOpt's Hugging Face format):
 
-* ``hf`` (CPU, or any machine without vLLM): the checkpoint is read by ``hybridquant.exported``
+* ``hf`` (CPU, or any machine without vLLM): the checkpoint is read by ``hybridquant.readers``
   (safetensors; FP8: ``weight · weight_scale``; NVFP4: E2M1 codes · per-16 block scale ·
   ``weight_scale_2``), loaded into transformers' ``NemotronHForCausalLM``, which lm_eval's own
   ``HFLM`` then drives (loglikelihood, loglikelihood_rolling, generate_until). This measures the
@@ -42,18 +42,26 @@ MODEL_NAME = "hybridquant-export"
 
 def check_export(directory: Path) -> Path:
     """The export directory, or a one-line error saying why it is not one."""
+    from hybridquant import readers
+
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"export directory not found: {directory}")
-    for name in ("config.json", "model.safetensors.index.json", "hf_quant_config.json"):
-        if not (directory / name).is_file():
-            raise UserError(f"{directory} is not an export of pipeline/export.py (no {name})")
+    fmt = readers.format_of(directory)
+    if fmt == "gguf":
+        raise UserError(f"{directory} is a GGUF export: lm-eval-harness runs Hugging Face exports (modelopt, "
+                        f"compressed_tensors); score GGUF files with pipeline/evaluate.py or llama.cpp")
+    if fmt is None:
+        for name in ("config.json", "model.safetensors.index.json", "hf_quant_config.json"):
+            if not (directory / name).is_file():
+                raise UserError(f"{directory} is not an export of pipeline/export.py (no {name})")
+        raise UserError(f"{directory} is not an export of pipeline/export.py")
     return directory
 
 
 def load_model(directory: Path, max_length: int = 2048, dtype: torch.dtype = torch.float32):
     """(transformers NemotronHForCausalLM with the export's dequantized weights, its tokenizer), through
-    the package's independent reader of exports (``hybridquant.exported``: safetensors and the
+    the package's independent reader of exports (``hybridquant.readers``: safetensors and the
     published format, transformers' own name mapping, strict loading)."""
     from safetensors import SafetensorError
     from transformers import AutoTokenizer

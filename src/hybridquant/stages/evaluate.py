@@ -9,7 +9,7 @@ layout exactly as quantize loads it. Each quantized checkpoint is then scored ag
   run with its fake quantization: ``fake_quant`` (weights, activations and KV cache as calibrated)
   and/or ``weight_only`` (only the weight quantizers: the numerics an export holds);
 * an exported ModelOpt-HF directory is dequantized into transformers' NemotronHForCausalLM
-  (``hybridquant.exported``) and run in one process (rank 0); the reference's outputs are gathered
+  (``hybridquant.readers``, one reader per export format) and run in one process (rank 0); the reference's outputs are gathered
   there for it.
 
 Per-layer errors come from the pipeline stage that owns each layer; logits from the last stage.
