@@ -17,7 +17,7 @@ from launch import error_lines
 pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["quantize", "export", "export_gguf", "evaluate", "card"]
+STAGES = ["quantize", "export", "export_gguf", "export_compressed_tensors", "evaluate", "card"]
 
 
 def release(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -104,6 +104,11 @@ def test_model_card(built):
     labels = {r["label"] for r in evaluation["results"]}
     assert {"mamba_moe_fp8_conservative (GGUF Q8_0)", "mamba_moe_fp8_conservative (GGUF Q4_K_M)"} <= labels
     assert (rdir / "export_gguf" / "Modelfile").read_text().startswith("FROM ./tiny_trained-Q8_0.gguf")
+    ct_card = (rdir / "export_compressed_tensors" / "README.md").read_text()
+    for needle in ("compressed-tensors format (`float-quantized`", "vllm serve tiny-trained-fp8", "## Recipe",
+                   "| routed_expert.fc1 | FP8 |"):
+        assert needle in ct_card, needle
+    assert "mamba_moe_fp8_conservative (compressed-tensors export)" in labels
 
 
 def test_verify_detects_any_change(built, tmp_path):
@@ -129,7 +134,8 @@ def test_changed_config_reruns_the_stage_and_everything_after(built):
     root, rdir, _ = built
     proc = release("experiment=tiny_fp8", f"output_root={root}", "release.evaluation.num_samples=3", cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert skipped(proc) == ["quantize", "export", "export_gguf"] and ran(proc) == ["evaluate", "card"]
+    assert skipped(proc) == ["quantize", "export", "export_gguf", "export_compressed_tensors"]
+    assert ran(proc) == ["evaluate", "card"]
     assert json.loads((rdir / "evaluate" / "evaluation.json").read_text())["data"]["samples"] == 3
     assert verify(rdir).returncode == 0
 
