@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from hybridquant import hf_reference, readers
-    from hybridquant.readers import gguf as gguf_reader
+    from hybridquant import llamacpp
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -84,7 +84,7 @@ def main() -> None:
                 if fmt == "gguf":
                     for gguf_type, entry in a["gguf"].items():
                         path = out / entry["file"]
-                        logits = [gguf_reader.llama_logits(path, x) for x in ids]
+                        logits = [llamacpp.logits(path, x) for x in ids]
                         rel, top1 = compare(logits, reference)
                         rows.append((recipe, f"GGUF {gguf_type} (llama.cpp)", a["files"][entry["file"]]["bytes"],
                                      bf16_bytes, rel, top1, same))

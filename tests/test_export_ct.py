@@ -6,7 +6,6 @@ per-expert names, ignore list, KV-cache scheme), and the same bytes from two lay
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
@@ -19,10 +18,6 @@ pytestmark = pytest.mark.distributed
 CT = ("export.format=compressed_tensors",)
 TOLERANCE = 1e-3  # relative L2 of the logits vs Megatron's weight-only fake quant; measured ~1e-6
 FORMATS = {"fp8": "float-quantized", "nvfp4": "nvfp4-pack-quantized", "static_mixed": "mixed-precision"}
-
-
-def _matches(module: str, targets: list[str]) -> bool:
-    return any(re.match(t[3:], module) if t.startswith("re:") else t == module for t in targets)
 
 
 @pytest.mark.parametrize("key", list(FORMATS))
@@ -44,13 +39,13 @@ def test_library_decompression_reproduces_the_fake_quant_logits(key, export_of, 
     # Per-expert modules, as vLLM's Nemotron-H loader reads them; routers never quantized.
     assert formats["backbone.layers.1.mixer.experts.7.down_proj.weight"] != "unquantized"
     assert formats["backbone.layers.1.mixer.gate.weight"] == "unquantized"
-    assert _matches("backbone.layers.1.mixer.gate", ignore) and _matches("model.layers.1.mixer.gate", ignore)
+    assert ct_reader.matches("backbone.layers.1.mixer.gate", ignore) and ct_reader.matches("model.layers.1.mixer.gate", ignore)
     # Each quantized module is targeted by exactly one group, under the checkpoint's and vLLM's names.
     for name, fmt in formats.items():
         if fmt != "unquantized":
             module = name[: -len(".weight")]
             for prefixed in (module, module.replace("backbone.", "model.", 1)):
-                assert sum(_matches(prefixed, g.targets) for g in groups) == 1, prefixed
+                assert sum(ct_reader.matches(prefixed, g.targets) for g in groups) == 1, prefixed
     # The same quantized weights as the ModelOpt export of the same checkpoint.
     _, modelopt_out, _ = export_of(key)
     reference_weights, _, _ = mo_reader.read(modelopt_out)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from export_settings import FP8, export_in_process
+from hybridquant import llamacpp
 from hybridquant.errors import UserError
 
 pytestmark = pytest.mark.distributed
@@ -68,7 +69,7 @@ def test_float_files_in_llama_cpp_reproduce_transformers(wide, source_model, ids
     bounds = {"F32": 1e-3, "F16": 2e-2}  # measured: F32 ~5e-5, F16 ~4e-3
     for gguf_type, bound in bounds.items():
         path = out / manifest["gguf"][gguf_type]["file"]
-        logits = reader.llama_logits(path, ids)
+        logits = llamacpp.logits(path, ids)
         rel, top1 = _rel(logits, reference), _top1(logits, reference)
         print(f"GGUF {gguf_type} in llama.cpp vs transformers on the source: rel L2 {rel:.2e}, top-1 {top1:.3f}")
         assert rel < bound and top1 == 1.0, gguf_type
@@ -90,7 +91,7 @@ def test_quantized_file_dequantized_by_llama_cpp_runs_like_transformers(gguf_typ
     _, out, _, _ = wide
     manifest = json.loads((out / "manifest.json").read_text())
     path = out / manifest["gguf"][gguf_type]["file"]
-    dequantized = reader.llama_dequantize(path, tmp_path / "dequantized.gguf")
+    dequantized = llamacpp.dequantize(path, tmp_path / "dequantized.gguf")
     # The reader dequantizes exactly as llama.cpp does.
     ours, formats, _ = reader.read(path)
     theirs, _, _ = reader.read(dequantized)
@@ -100,7 +101,7 @@ def test_quantized_file_dequantized_by_llama_cpp_runs_like_transformers(gguf_typ
     model, _ = readers.build_model(dequantized, tmp_path / "hf")
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0]
-    logits = reader.llama_logits(dequantized, ids)
+    logits = llamacpp.logits(dequantized, ids)
     rel, top1 = _rel(logits, expected), _top1(logits, expected)
     print(f"GGUF {gguf_type} dequantized by llama.cpp, llama.cpp vs transformers: rel L2 {rel:.2e}, top-1 {top1:.3f}")
     assert rel < 1e-3 and top1 >= 0.98
@@ -172,7 +173,7 @@ def test_names_metadata_and_tokenizer_are_llama_cpps(wide, ids):
                      "*": {f"blk.{i}.attn_{n}.weight" for n in ("q", "k", "v", "output")}}[kind]
     assert set(types) == expected
     # llama.cpp tokenizes like the Hugging Face tokenizer, special tokens included.
-    assert reader.llama_tokenize(path, TEXT) == ids
+    assert llamacpp.tokenize(path, TEXT) == ids
     modelfile = (out / "Modelfile").read_text()
     assert modelfile.startswith(f"FROM ./{manifest['gguf']['F32']['file']}\n") and "<|im_end|>" in modelfile
 
@@ -249,6 +250,6 @@ def test_a_model_without_experts_is_llama_cpps_nemotron_h(exported):
     model = hf_reference.load(source, max_seq_len=256, dtype=torch.float32, strict=True)
     with torch.no_grad():
         reference = model(torch.tensor([ids])).logits[0]
-    logits = reader.llama_logits(path, ids)
+    logits = llamacpp.logits(path, ids)
     print(f"GGUF F32 nemotron_h (dense) in llama.cpp vs transformers: rel L2 {_rel(logits, reference):.2e}")
     assert _rel(logits, reference) < 1e-3 and _top1(logits, reference) == 1.0

@@ -317,8 +317,7 @@ def stream(bridge, chunks: list, tasks: list, plan_: Plan, writer: GroupWriter) 
         writer.add(name, tensor)
 
 
-def finish(directory: Path, fmt, files: list[dict[str, Any]], source_hf: Path,
-           provenance: dict[str, Any]) -> dict[str, Any] | None:
+def finish(directory: Path, fmt, files: list[dict[str, Any]], provenance: dict[str, Any]) -> dict[str, Any] | None:
     """Collective: the format writes its files from every rank's shards (rank 0), then the manifest lists
     every file with its sha256. Returns the manifest on rank 0."""
     parts = [files]
@@ -329,7 +328,7 @@ def finish(directory: Path, fmt, files: list[dict[str, Any]], source_hf: Path,
         return None
     directory = Path(directory)
     shards = sorted((f for p in parts for f in p), key=lambda f: (f["group"], f["part"]))
-    summary = fmt.finish(directory, shards, Path(source_hf))
+    summary = fmt.finish(directory, shards)
     hashed = {s["path"]: {"sha256": s["sha256"], "bytes": s["bytes"]} for s in shards}  # written by their ranks
     listed = {}
     for path in sorted(directory.iterdir()):
@@ -358,14 +357,10 @@ def hf_layout(directory: Path, shards: list[dict[str, Any]], source_hf: Path,
     config = json.loads((source_hf / "config.json").read_text())
     config.update(config_update)
     write_json(directory / "config.json", config)
-    copy_source_files(directory, source_hf)
-    return len(weight_map)
-
-
-def copy_source_files(directory: Path, source_hf: Path, skip: tuple[str, ...] = ("config.json",)) -> None:
-    for src in sorted(source_hf.iterdir()):
-        if src.is_file() and src.name not in skip:
+    for src in sorted(source_hf.iterdir()):  # tokenizer, generation config, chat template
+        if src.is_file() and src.name != "config.json":
             (directory / src.name).write_bytes(src.read_bytes())
+    return len(weight_map)
 
 
 def _nbytes(dtype: str, shape: list[int]) -> int:

@@ -44,7 +44,7 @@ class Format:
         """One decoder layer's tensors, complete, before they are written ('' = outside the layers)."""
         return tensors
 
-    def finish(self, directory, shards: list[dict], source_hf) -> dict[str, Any]:
+    def finish(self, directory: Path, shards: list[dict]) -> dict[str, Any]:
         """Rank 0, after every shard is written: the format's own files. Returns the manifest's summary
         fields (at least ``quantization`` and ``tensors``)."""
         raise NotImplementedError

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from hybridquant import export, formats
 from hybridquant.errors import UserError
-from hybridquant.formats.modelopt import kv_scales_of
+from hybridquant.formats.modelopt import kv_scales_of, nvfp4_block_scale
 
 _EXPERTS = re.compile(r"^(.*\.mixer\.experts)\.\d+\.(up|down)_proj$")
 _KV = re.compile(r"^(.*\.mixer)\.([kv])_proj\.([kv])_scale$")
@@ -114,12 +114,8 @@ class Format(formats.Format):
                     state["input_scale"] = meta.scales["input_scale"].float().reshape(1)
             out = FloatQuantizationCompressor.compress(state, self._preset(name))
         else:
-            from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
-
             scale_2 = meta.scales["weight_scale_2"].float()
-            if block_scale is None:  # the block scales ModelOpt's fake quantization used (static ones are given)
-                block_scale = NVFP4QTensor.get_weights_scaling_factor(w, meta.block_size, scale_2)[0]
-            state = {"weight": w, "weight_scale": block_scale.float(),
+            state = {"weight": w, "weight_scale": nvfp4_block_scale(w, meta, block_scale).float(),
                      "weight_global_scale": (1.0 / scale_2).reshape(1)}
             if name == "NVFP4":
                 state["input_global_scale"] = (1.0 / meta.scales["input_scale"].float()).reshape(1)
@@ -136,7 +132,7 @@ class Format(formats.Format):
             out[f"{m.group(1)}.{m.group(3)}_scale"] = value.float().reshape(1)
         return out
 
-    def finish(self, directory: Path, shards, source_hf: Path):
+    def finish(self, directory: Path, shards):
         from compressed_tensors.compressors import ModelCompressor
         from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationStatus
 
@@ -162,6 +158,6 @@ class Format(formats.Format):
         config = QuantizationConfig(config_groups=groups, ignore=ignore, kv_cache_scheme=kv,
                                     format=kinds.pop() if len(kinds) == 1 else "mixed-precision",
                                     quantization_status=QuantizationStatus.COMPRESSED)
-        count = export.hf_layout(directory, shards, source_hf, {})
+        count = export.hf_layout(directory, shards, self.source_hf, {})
         ModelCompressor(quantization_config=config).update_config(str(directory))
         return {"quantization": ",".join(sorted(by_scheme)) + (" + FP8 KV cache" if kv else ""), "tensors": count}

@@ -18,9 +18,7 @@ it never quantizes) and falls back per tensor where a row does not divide into i
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hybridquant import formats
+from hybridquant import formats, llamacpp
 from hybridquant.errors import UserError
 
 # llama.cpp's file types (include/llama.h, llama_ftype): the float ones are written here, the others by
@@ -154,9 +152,6 @@ class Format(formats.Format):
                 continue
             if rest not in _LAYER_TENSORS:
                 raise UserError(f"tensor {name} has no GGUF name (llama.cpp's {self.arch} has none)")
-            if rest.startswith("mixer.") and rest.split(".")[1] in ("up_proj", "down_proj") \
-                    and self.arch == "nemotron_h_moe":
-                raise UserError(f"tensor {name}: a dense MLP in a MoE model has no GGUF form")
             gguf_name, f32 = _LAYER_TENSORS[rest]
             out[self._key(f"blk.{layer}.{gguf_name}", f32)] = self._stored(self._transform(rest, tensor), f32)
         if any(experts.values()):
@@ -196,7 +191,7 @@ class Format(formats.Format):
 
     # -- rank 0: the files --------------------------------------------------------------------------
 
-    def finish(self, directory: Path, shards, source_hf: Path):
+    def finish(self, directory: Path, shards):
         entries = []  # (gguf name, f32, part path, stored key, shape, dtype), in the groups' order, sorted within each
         for shard in shards:
             for key in sorted(shard["tensors"], key=lambda k: k.removeprefix(F32_PREFIX)):
@@ -216,7 +211,7 @@ class Format(formats.Format):
             (directory / shard["path"]).unlink()
         for gguf_type in quantized:
             written[gguf_type] = directory / f"{stem}-{gguf_type}.gguf"
-            llama_quantize(written[base_type], written[gguf_type], QUANT_TYPES[gguf_type])
+            llamacpp.quantize(written[base_type], written[gguf_type], QUANT_TYPES[gguf_type])
         if base_type not in self.types and base_type in written:
             written.pop(base_type).unlink()
         notes = [f"GGUF {', '.join(quantized)}: quantized by llama.cpp from the checkpoint's {source_dtype} weights "
@@ -365,21 +360,6 @@ def _pre_tokenizer(source_hf: Path) -> str:
         return PRE_TOKENIZERS_WITHOUT_SPLIT
     raise UserError("the tokenizer splits its input with a pre-tokenizer llama.cpp knows by name only: set "
                     "export.options.gguf.pre (Nemotron-H's own tokenizer: pixtral, as llama.cpp's converter names it)")
-
-
-def llama_quantize(src: Path, dst: Path, ftype: int) -> None:
-    """llama.cpp's quantizer (llama_model_quantize): its per-tensor types and fallbacks for ``ftype``."""
-    import llama_cpp
-    from llama_cpp._logger import set_verbose
-
-    set_verbose(False)  # llama.cpp's errors still reach stderr; its per-tensor progress does not
-    llama_cpp.llama_backend_init()
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = max(1, len(os.sched_getaffinity(0)))
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0:
-        raise RuntimeError(f"llama.cpp could not quantize {src.name} (ftype {ftype}); see its log above")
 
 
 def _type_counts(path: Path) -> dict[str, int]:

@@ -22,11 +22,22 @@ from hybridquant import export, formats
 QUANT_CONFIG = "hf_quant_config.json"
 
 
+def nvfp4_block_scale(weight: torch.Tensor, meta: export.WeightMeta,
+                      block_scale: torch.Tensor | None) -> torch.Tensor:
+    """The per-16 block scales of an NVFP4 weight: the calibrated ones (MSE, static) where given, else the
+    ones ModelOpt's fake quantization computes from the weight and its weight_scale_2."""
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    if block_scale is not None:
+        return block_scale
+    scale_2 = meta.scales["weight_scale_2"].to(weight.device)
+    return NVFP4QTensor.get_weights_scaling_factor(weight, meta.block_size, scale_2)[0]
+
+
 def quantize_weight(name: str, weight: torch.Tensor, meta: export.WeightMeta,
                     block_scale: torch.Tensor | None = None) -> list[tuple[str, torch.Tensor]]:
     """ModelOpt's deployment tensors for one full weight: the weight and its scales (REFERENCE format)."""
     from modelopt.torch.export.quant_utils import QUANTIZATION_FP8, QUANTIZATION_NVFP4, to_quantized_weight
-    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
     base = name[: -len(".weight")]
     weight = weight.detach()
@@ -36,9 +47,7 @@ def quantize_weight(name: str, weight: torch.Tensor, meta: export.WeightMeta,
                (f"{base}.weight_scale", scale)]
     else:
         scale_2 = meta.scales["weight_scale_2"]
-        if block_scale is None:
-            block_scale = NVFP4QTensor.get_weights_scaling_factor(weight, meta.block_size,
-                                                                  scale_2.to(weight.device))[0]
+        block_scale = nvfp4_block_scale(weight, meta, block_scale)
         packed = to_quantized_weight(weight, block_scale.to(weight.device), QUANTIZATION_NVFP4,
                                      scale_2.to(weight.device), meta.block_size)
         out = [(name, packed), (f"{base}.weight_scale", block_scale), (f"{base}.weight_scale_2", scale_2)]
@@ -80,11 +89,11 @@ class Format(formats.Format):
     def group(self, group, tensors):
         return {**tensors, **kv_scales_of(self.plan, group)}
 
-    def finish(self, directory: Path, shards, source_hf: Path):
+    def finish(self, directory: Path, shards):
         from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
 
         quant_config = hf_quant_config(self.plan)
         export.write_json(directory / QUANT_CONFIG, quant_config)
-        count = export.hf_layout(directory, shards, source_hf,
+        count = export.hf_layout(directory, shards, self.source_hf,
                                  {"quantization_config": convert_hf_quant_config_format(quant_config)})
         return {"quantization": quant_config["quantization"].get("quant_algo"), "tensors": count}

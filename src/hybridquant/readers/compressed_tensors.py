@@ -28,7 +28,8 @@ def is_export(path: Path) -> bool:
     return quant.get("quant_method") == "compressed-tensors"
 
 
-def _matches(module: str, targets: list[str]) -> bool:
+def matches(module: str, targets: list[str]) -> bool:
+    """compressed-tensors' (and vLLM's) rule: 're:' targets by re.match, others by name or the class Linear."""
     for target in targets:
         if target.startswith("re:"):
             if re.match(target[3:], module):
@@ -66,8 +67,8 @@ def read(directory: Path, dtype=torch.float32) -> tuple[dict[str, torch.Tensor],
         linear = "weight_packed" in state or ("weight" in state and state["weight"].dim() == 2
                                               and "embeddings" not in module)
         group = None
-        if linear and not _matches(module, ignore):
-            group = next((g for g in groups if _matches(module, g.targets)), None)
+        if linear and not matches(module, ignore):
+            group = next((g for g in groups if matches(module, g.targets)), None)
         # a group's "Linear" target takes every linear; what the exporter left dense must then be ignored
         if compressed and group is None:
             raise ValueError(f"{module} is stored quantized but no config group targets it")

@@ -113,7 +113,7 @@ def _export(ckpt: Path, meta: dict, layout, tmp: Path, hf_dir: Path, max_shard_b
     files = writer.close()
     provenance = {"model": meta.get("model"), "recipe": meta.get("recipe"),
                   "calibration_layout": meta.get("layout")}
-    manifest = export.finish(tmp, fmt, files, hf_dir, provenance)
+    manifest = export.finish(tmp, fmt, files, provenance)
     timings["export_s"] = time.perf_counter() - t
     rss["peak_mib"] = memory.peak_mib()
     return manifest, timings, rss
