@@ -46,27 +46,33 @@ def compose(overrides: list[str]):
         return hydra_compose("quantize", overrides=overrides)
 
 
-def launch(nproc: int, cases: dict[str, list[str]], out: Path, overrides: list[str]) -> float:
-    """One torchrun job calibrating each recipe under its layouts (``cases``: recipe -> layouts)."""
-    import time
-
+def torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=nproc`` this script with ``args``, one thread per rank."""
     from hybridquant.parallel import free_port
 
     cmd = [str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           __file__, "--worker", "--cases", json.dumps(cases), "--out", str(out), "--", *overrides]
+           __file__, *args]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+
+
+def launch(nproc: int, cases: dict[str, list[str]], out: Path, overrides: list[str], run=torchrun) -> float:
+    """One torchrun job (``run(nproc, args)``) calibrating each recipe under its layouts (``cases``:
+    recipe -> layouts)."""
+    import time
+
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    proc = run(nproc, ["--worker", "--cases", json.dumps(cases), "--out", str(out), "--", *overrides])
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun {cases} failed:\n{proc.stderr[-4000:]}")
     return time.perf_counter() - t0
 
 
-def measure(cases: dict[str, list[str]], nproc: int, separate: bool, overrides: list[str]) -> dict:
+def measure(cases: dict[str, list[str]], nproc: int, separate: bool, overrides: list[str], run=torchrun) -> dict:
     """Run the reference and the layouts of every recipe (``cases``: recipe -> layouts);
-    {recipe: {layout: row}}. One torchrun job per world size covers all recipes and layouts
-    (one per layout with ``separate``)."""
+    {recipe: {layout: row}}. One torchrun job (``run``, as ``launch``) per world size covers all recipes
+    and layouts (one per layout with ``separate``)."""
     from hybridquant import parity
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,7 +85,7 @@ def measure(cases: dict[str, list[str]], nproc: int, separate: bool, overrides: 
             if separate else list(by_world.items())
         results: dict[str, dict] = {r: {} for r in cases}
         for i, (world, group) in enumerate(jobs):
-            job_wall = launch(world, group, tmp / f"run{i}.json", overrides)
+            job_wall = launch(world, group, tmp / f"run{i}.json", overrides, run)
             for recipe, part in json.loads((tmp / f"run{i}.json").read_text()).items():
                 for spec, res in part.items():
                     res["job_wall_s"] = job_wall if separate else None

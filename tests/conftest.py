@@ -153,15 +153,17 @@ def export_of(exported):
     return get
 
 
-# Test files, longest first (worker seconds of a full run, 2 workers on 2 cores: export ~450, autoquant
-# layouts ~420, parallel, variations, autoquant ~350, layout parity ~270, release ~260, generate ~200,
-# evaluate ~190, slurm ~150, export layouts ~120, export errors ~95); the others follow in collection
-# order. pytest-xdist's loadfile hands whole files to the workers in collection order: started last,
-# a long file keeps one worker busy while the other has nothing left (alphabetically, test_variations
-# came last).
-LONGEST_FIRST = ("test_export.py", "test_export_gguf.py", "test_qad.py", "test_export_ct.py", "test_qad_resume.py", "test_autoquant_layouts.py", "test_parallel.py",
-                 "test_variations.py", "test_autoquant.py", "test_layout_parity.py", "test_release.py", "test_generate.py",
-                 "test_evaluate.py", "test_slurm.py", "test_export_layouts.py", "test_export_errors.py")
+# Test files, longest first (worker seconds of a full run, 2 workers on 2 cores, ranks preloaded: slurm
+# ~215, release ~180, layout parity ~150, autoquant layouts ~120, autoquant ~90, qad ~90, variations,
+# parallel, export_ct, evaluate ~65-70); the others follow in collection order. pytest-xdist's loadfile
+# hands whole files to the workers in collection order: started last, a long file keeps one worker busy
+# while the other has nothing left (alphabetically, test_variations came last). A shared run
+# (``quantized``, ``exported``) counts for the first file that asks for it.
+LONGEST_FIRST = ("test_slurm.py", "test_release.py", "test_layout_parity.py", "test_autoquant_layouts.py",
+                 "test_autoquant.py", "test_qad.py", "test_variations.py", "test_parallel.py", "test_export_ct.py",
+                 "test_evaluate.py", "test_recipes.py", "test_quantize_stage.py", "test_export_layouts.py",
+                 "test_export_gguf.py", "test_export.py", "test_generate.py", "test_lm_eval.py", "test_calib.py",
+                 "test_qad_resume.py", "test_preload.py", "test_export_errors.py")
 
 
 def pytest_collection_modifyitems(config, items):

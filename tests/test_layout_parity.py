@@ -5,10 +5,11 @@ other parallel tests (tests/test_parallel.py)."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
-from launch import REPO
+from launch import REPO, torchrun
 
 sys.path.insert(0, str(REPO / "bench"))
 import layout_parity  # noqa: E402
@@ -36,7 +37,8 @@ PARITY_CASES = {
 @pytest.fixture(scope="module")
 def parity_rows():
     return layout_parity.measure(PARITY_CASES, nproc=4, separate=False,  # 5 samples: uneven over DP2 and DP4
-                                 overrides=["calib.num_samples=5", "calib.max_seq_len=64"])
+                                 overrides=["calib.num_samples=5", "calib.max_seq_len=64"],
+                                 run=lambda nproc, args: torchrun(Path(layout_parity.__file__), args, nproc, timeout=900))
 
 
 @pytest.mark.distributed

@@ -4,14 +4,13 @@ tests/test_layout_parity.py)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 
 import pytest
 
 from hybridquant import parallel
 from hybridquant.parallel import Layout, LayoutError
-from launch import REPO, VENV_BIN, error_lines, free_port, run_stage
+from launch import REPO, error_lines, run_stage, torchrun
 
 FP8 = "+quant=mamba_moe_fp8_conservative"
 
@@ -82,9 +81,7 @@ def test_run_directory_clean_up_finishes_what_a_peer_started(tmp_path):
 @pytest.mark.distributed
 def test_all_expert_dispatch_keeps_routed_outputs_at_ep2(tmp_path):
     out = tmp_path / "all_experts.json"
-    cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(REPO / "tests" / "workers" / "all_experts.py"), "2", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = torchrun(REPO / "tests" / "workers" / "all_experts.py", ["2", str(out)], nproc=2, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     tokens = sum(r["tokens"] for r in result["ranks"])
