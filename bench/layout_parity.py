@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -50,11 +49,11 @@ def torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node=nproc`` this script with ``args``, one thread per rank."""
     from hybridquant.parallel import free_port
 
+    from _common import clean_env
+
     cmd = [str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            __file__, *args]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    return subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True)
 
 
 def launch(nproc: int, cases: dict[str, list[str]], out: Path, overrides: list[str], run=torchrun) -> float:

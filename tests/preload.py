@@ -10,15 +10,15 @@ would, then runs the stage script as ``__main__``.
 
 What a fork does not give, and what takes its place:
 - Modules import once, in the server, in the server's environment. So the server only serves a rank
-  whose environment equals its own up to the variables read at run time (torchrun's rank variables,
-  ``HYBRIDQUANT_*``, pytest's); any other difference, and the client runs ``python -u script`` itself.
+  whose environment equals its own up to the variables read at run time (``RUNTIME_KEYS``,
+  ``RUNTIME_PREFIXES``); any other difference, and the client runs ``python -u script`` itself.
   Only what every stage imports anyway is preloaded, in the order a stage imports it (``serve``).
 - Every fork of one server shares its string-hash seed. Local rank r goes to server ``r % SLOTS``,
   each with its own seed, so the ranks of a job still iterate sets in different orders, as fresh
   interpreters do. ``random`` and NumPy are reseeded from the OS in each fork.
 - Signals torchrun sends the client (SIGTERM, SIGINT, ...) are forwarded to the rank. A client that
-  dies (SIGKILL from torchrun or the test's time limit) closes its connection, and the rank then kills
-  its own process group. The rank's exit status (a code, or the signal that killed it) becomes the
+  dies (SIGKILL from torchrun, or the OOM killer) closes its connection, and the rank then kills its
+  own process group. The rank's exit status (a code, or the signal that killed it) becomes the
   client's, so torchrun sees what it would have seen.
 
 ``HYBRIDQUANT_TEST_PRELOAD=0`` runs every rank as a fresh interpreter instead.
